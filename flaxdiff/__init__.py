@@ -1,0 +1,1 @@
+"""twindiff JAX/Flax backend (TPU-native): models, objective, trainer. Runs as `python -m flaxdiff.<task>`."""

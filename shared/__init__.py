@@ -1,0 +1,1 @@
+"""Backend-neutral layer of twindiff: config, diffusion math, data, prompts, offline assets."""

@@ -1,0 +1,60 @@
+"""What a data source hands to the loader: one record per example, images not yet decoded.
+
+Sources only list and describe examples; decoding and transforms run later in the loader's
+workers, so a source of a million images opens in seconds and a bad file fails in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded (corrupt, truncated, not an image). Counted and skipped."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"cannot read image {name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """Where one image comes from: a file path, encoded bytes, or an already decoded array.
+
+    Exactly one of `path`, `data`, `array` is set. `name` is what messages call it
+    (a file path, or e.g. ``"dataset 'pokemon'[12]"``).
+    """
+
+    name: str
+    path: str | None = None
+    data: bytes | None = None
+    array: np.ndarray | None = None
+
+    def __post_init__(self):
+        given = sum(x is not None for x in (self.path, self.data, self.array))
+        if given != 1:
+            raise ValueError(
+                f"ImageRef {self.name!r} needs exactly one of path/data/array, got {given}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One training example before decoding.
+
+    Attributes:
+      image: the image.
+      captions: candidate captions; training picks one at random, evaluation takes the first.
+        Empty for unconditional data.
+      extras: other named images of the same example (DreamBooth: ``{"class": ImageRef}``).
+      meta: small plain values carried to the batch unchanged (e.g. a class prompt).
+    """
+
+    image: ImageRef
+    captions: tuple[str, ...] = ()
+    extras: dict[str, ImageRef] = dataclasses.field(default_factory=dict)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)

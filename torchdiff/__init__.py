@@ -1,0 +1,1 @@
+"""twindiff PyTorch + Accelerate backend (GPUs): runs as `accelerate launch -m torchdiff.<task>`."""
