@@ -277,3 +277,39 @@ def format_help(task: str, backend: str) -> str:
         if rows:
             lines += ["", f"{component}:", *rows]
     return "\n".join(lines)
+
+
+_TASK_SHORT = {"unconditional": "uncond", "text2image": "t2i", "dreambooth": "db"}
+
+
+def format_flag_table() -> str:
+    """The README's flag table (Markdown), generated from the schema so the two never drift."""
+    rows = [
+        "| flag | default | tasks | backend | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    per_task = {task: C.defaults_for(task) for task in C.TASKS}
+    for component, cls in C.COMPONENTS.items():
+        for f in cls.__dataclass_fields__.values():
+            tasks = f.metadata["tasks"] or C.TASKS
+            values = {t: per_task[t][f.name] for t in tasks}
+            if len({repr(v) for v in values.values()}) == 1:
+                default = _md(next(iter(values.values())))
+            else:
+                default = "; ".join(f"{_TASK_SHORT[t]}: {_md(v)}" for t, v in values.items())
+            scope = "all" if f.metadata["tasks"] is None else ", ".join(_TASK_SHORT[t] for t in tasks)
+            backend = f.metadata["backend"] or "both"
+            rows.append(f"| `--{f.name}` | {default} | {scope} | {backend} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def _md(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, float):
+        return f"`{value:.6g}`"
+    return f"`{value}`"
+
+
+if __name__ == "__main__":  # python -m shared.cli: print the README flag table
+    print(format_flag_table())
