@@ -54,7 +54,9 @@ def coerce(name: str, value: Any, source: str) -> Any:
     """Converts a CLI string or YAML value to the type of field `name`; errors name the source."""
     tp, optional = _strip_optional(C.field_type(name))
     where = f"--{name} (from {source})"
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+    if optional and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
         return None
     if value is None:
         raise ConfigError(f"{where} cannot be empty")
@@ -117,7 +119,11 @@ def _mapping(value: Any) -> dict:
 def resolve_config_path(path: str | os.PathLike, relative_to: Path | None = None) -> Path:
     """Finds a YAML config: as given, relative to the including file, or under the repo's configs/."""
     p = Path(path)
-    candidates = [p] if p.is_absolute() else [*([relative_to / p] if relative_to else []), p, CONFIG_ROOT / p]
+    candidates = (
+        [p]
+        if p.is_absolute()
+        else [*([relative_to / p] if relative_to else []), p, CONFIG_ROOT / p]
+    )
     for c in candidates:
         if c.is_file():
             return c.resolve()
@@ -212,7 +218,9 @@ def parse_args(argv: Sequence[str] | None, *, task: str, backend: str) -> TrainC
     for key, wanted in (("task", task), ("backend", backend)):
         given = values.pop(key, None)
         if given is not None and given != wanted:
-            raise ConfigError(f"the config file is for {key} {given!r}, but this command runs {wanted!r}")
+            raise ConfigError(
+                f"the config file is for {key} {given!r}, but this command runs {wanted!r}"
+            )
     values.update(cli_values)
     return C.build(task, backend, values)
 
@@ -233,7 +241,9 @@ def to_dict(cfg: TrainConfig, *, redact: bool = True) -> dict[str, Any]:
 
 
 def to_yaml(cfg: TrainConfig, *, redact: bool = True) -> str:
-    header = f"# twindiff resolved config: python -m {cfg.backend}diff.{cfg.task} --config <this file>\n"
+    header = (
+        f"# twindiff resolved config: python -m {cfg.backend}diff.{cfg.task} --config <this file>\n"
+    )
     return header + yaml.safe_dump(to_dict(cfg, redact=redact), sort_keys=False, allow_unicode=True)
 
 
@@ -289,7 +299,7 @@ def format_flag_table() -> str:
         "|---|---|---|---|---|",
     ]
     per_task = {task: C.defaults_for(task) for task in C.TASKS}
-    for component, cls in C.COMPONENTS.items():
+    for cls in C.COMPONENTS.values():
         for f in cls.__dataclass_fields__.values():
             tasks = f.metadata["tasks"] or C.TASKS
             values = {t: per_task[t][f.name] for t in tasks}
@@ -297,9 +307,13 @@ def format_flag_table() -> str:
                 default = _md(next(iter(values.values())))
             else:
                 default = "; ".join(f"{_TASK_SHORT[t]}: {_md(v)}" for t, v in values.items())
-            scope = "all" if f.metadata["tasks"] is None else ", ".join(_TASK_SHORT[t] for t in tasks)
+            scope = (
+                "all" if f.metadata["tasks"] is None else ", ".join(_TASK_SHORT[t] for t in tasks)
+            )
             backend = f.metadata["backend"] or "both"
-            rows.append(f"| `--{f.name}` | {default} | {scope} | {backend} | {f.metadata['help']} |")
+            rows.append(
+                f"| `--{f.name}` | {default} | {scope} | {backend} | {f.metadata['help']} |"
+            )
     return "\n".join(rows)
 
 

@@ -7,22 +7,18 @@ command line flat. Defaults depend on the task, as they do in the three referenc
 `TASK_DEFAULTS` holds each task's differences from the dataclass defaults (which are those of
 `train_text_to_image.py`).
 
-Parsing (CLI, YAML, `base_config:` inheritance) lives in `shared.cli`; this module only says what a
-valid config is. Values derived from a config and the data (effective batch, total steps, scaled
-learning rate) are computed into `RunPlan` by `plan_run` and never written back.
+Parsing (CLI, YAML, `base_config:` inheritance) lives in `shared.cli`, cross-field checks in
+`shared.validation`, and values derived from a config and the data (effective batch, total steps,
+scaled learning rate) in `shared.plan`, never written back into the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 TASKS = ("unconditional", "text2image", "dreambooth")
 BACKENDS = ("flax", "torch")
@@ -36,7 +32,15 @@ LR_SCHEDULERS = (
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+INTERPOLATION_MODES = (
+    "nearest",
+    "nearest_exact",
+    "bilinear",
+    "bicubic",
+    "box",
+    "hamming",
+    "lanczos",
+)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
 VALIDATION_SCHEDULERS = ("DPMSolverMultistepScheduler", "DDPMScheduler")
@@ -79,20 +83,26 @@ class ModelConfig:
     revision: str | None = flag(None, "Hub revision (branch, tag or commit) of the base model")
     variant: str | None = flag(None, "weight-file variant to load, e.g. fp16")
     non_ema_revision: str | None = flag(
-        None, "revision holding the non-EMA UNet weights to train from (default: --revision)",
+        None,
+        "revision holding the non-EMA UNet weights to train from (default: --revision)",
         tasks=("text2image",),
     )
     model_config_name_or_path: str | None = flag(
-        None, "UNet2DModel config (file or folder) to build from; None: the built-in DDPM UNet",
+        None,
+        "UNet2DModel config (file or folder) to build from; None: the built-in DDPM UNet",
         tasks=_UNCOND,
     )
-    tokenizer_name: str | None = flag(None, "tokenizer folder or hub id, if not the model's tokenizer/")
+    tokenizer_name: str | None = flag(
+        None, "tokenizer folder or hub id, if not the model's tokenizer/"
+    )
     pretrained_vae_name_or_path: str | None = flag(
         None, "VAE folder or hub id to use instead of the model's vae/", tasks=_LATENT
     )
     train_text_encoder: bool = flag(False, "train the text encoder too", tasks=_DB)
     class_labels_conditioning: str | None = flag(
-        None, "pass class_labels to the UNet; only 'timesteps' (DeepFloyd IF upscaler)", tasks=_DB,
+        None,
+        "pass class_labels to the UNet; only 'timesteps' (DeepFloyd IF upscaler)",
+        tasks=_DB,
         choices=(None, "timesteps"),
     )
     # Architectures for random init (configs/models/*.yaml): diffusers/transformers config dicts.
@@ -105,12 +115,14 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     dataset_name: str | None = flag(
-        None, "HF datasets name or local dataset folder; 'tfds:NAME' reads TensorFlow Datasets",
+        None,
+        "HF datasets name or local dataset folder; 'tfds:NAME' reads TensorFlow Datasets",
         tasks=("unconditional", "text2image"),
     )
     dataset_config_name: str | None = flag(None, "dataset config name")
     train_data_dir: str | None = flag(
-        None, "local image folder (captions from metadata.jsonl/.csv or .txt sidecars)",
+        None,
+        "local image folder (captions from metadata.jsonl/.csv or .txt sidecars)",
         tasks=("unconditional", "text2image"),
     )
     dataset_split: str = flag("train", "dataset split to train on")
@@ -144,16 +156,22 @@ class PromptConfig:
         None, "prompt with the identifier, e.g. 'a photo of sks dog'", tasks=_DB
     )
     class_prompt: str | None = flag(None, "prompt of the class images", tasks=_DB)
-    num_class_images: int = flag(100, "minimum number of class images; missing ones are generated", tasks=_DB)
+    num_class_images: int = flag(
+        100, "minimum number of class images; missing ones are generated", tasks=_DB
+    )
     sample_batch_size: int = flag(4, "per-device batch size of class-image generation", tasks=_DB)
     prior_generation_precision: str | None = flag(
-        None, "dtype of class-image generation (default fp16 on GPU, else fp32)", tasks=_DB,
+        None,
+        "dtype of class-image generation (default fp16 on GPU, else fp32)",
+        tasks=_DB,
         choices=(None, *PRIOR_PRECISIONS),
     )
     pre_compute_text_embeddings: bool = flag(
         False, "encode the prompts once and drop the text encoder from memory", tasks=_DB
     )
-    tokenizer_max_length: int | None = flag(None, "override the tokenizer's max length", tasks=_LATENT)
+    tokenizer_max_length: int | None = flag(
+        None, "override the tokenizer's max length", tasks=_LATENT
+    )
     text_encoder_use_attention_mask: bool = flag(
         False, "pass the attention mask to the text encoder", tasks=_LATENT
     )
@@ -167,7 +185,8 @@ class TrainingConfig:
     max_train_steps: int | None = flag(None, "total optimizer steps; overrides epochs")
     gradient_accumulation_steps: int = flag(1, "micro-batches accumulated per optimizer step")
     mixed_precision: str | None = flag(
-        None, "no, fp16 or bf16 (None: accelerate's config; 'no' on flax)",
+        None,
+        "no, fp16 or bf16 (None: accelerate's config; 'no' on flax)",
         choices=(None, *MIXED_PRECISION),
     )
     gradient_checkpointing: bool = flag(
@@ -203,30 +222,41 @@ class EMAConfig:
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
     prediction_type: str | None = flag(
-        None, "epsilon, v_prediction or sample (None: the scheduler config's)",
+        None,
+        "epsilon, v_prediction or sample (None: the scheduler config's)",
         choices=(None, *PREDICTION_TYPES),
     )
     ddpm_num_steps: int = flag(1000, "training timesteps of the DDPM schedule", tasks=_UNCOND)
     ddpm_beta_schedule: str = flag("linear", "beta schedule", tasks=_UNCOND, choices=BETA_SCHEDULES)
     snr_gamma: float | None = flag(None, "Min-SNR loss weighting gamma (5.0 recommended)")
-    noise_offset: float = flag(0.0, "offset-noise scale: noise += s * N(0,1) per sample and channel")
+    noise_offset: float = flag(
+        0.0, "offset-noise scale: noise += s * N(0,1) per sample and channel"
+    )
     offset_noise: bool = flag(False, "offset noise with the fixed scale 0.1 (DreamBooth's flag)")
     input_perturbation: float = flag(0.0, "input-perturbation scale (0.1 recommended)")
     dream_training: bool = flag(False, "DREAM training (arXiv 2312.00210)", tasks=("text2image",))
-    dream_detail_preservation: float = flag(1.0, "DREAM detail-preservation factor p", tasks=("text2image",))
-    with_prior_preservation: bool = flag(False, "add the prior-preservation loss on class images", tasks=_DB)
+    dream_detail_preservation: float = flag(
+        1.0, "DREAM detail-preservation factor p", tasks=("text2image",)
+    )
+    with_prior_preservation: bool = flag(
+        False, "add the prior-preservation loss on class images", tasks=_DB
+    )
     prior_loss_weight: float = flag(1.0, "weight of the prior-preservation loss", tasks=_DB)
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     output_dir: str = flag("sd-model-finetuned", "output folder of the model and checkpoints")
-    overwrite_output_dir: bool = flag(False, "accepted for compatibility; never read (as in diffusers)")
+    overwrite_output_dir: bool = flag(
+        False, "accepted for compatibility; never read (as in diffusers)"
+    )
     checkpointing_steps: int = flag(500, "save the training state every N optimizer steps")
     checkpoints_total_limit: int | None = flag(None, "keep at most N checkpoints")
     resume_from_checkpoint: str | None = flag(None, "checkpoint folder, its name, or 'latest'")
     save_model_epochs: int = flag(10, "export the pipeline every N epochs", tasks=_UNCOND)
-    skip_save_text_encoder: bool = flag(False, "export the pipeline without the text encoder", tasks=_DB)
+    skip_save_text_encoder: bool = flag(
+        False, "export the pipeline without the text encoder", tasks=_DB
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +272,8 @@ class ValidationConfig:
         None, "input images for image-conditioned validation pipelines", tasks=_DB
     )
     validation_scheduler: str = flag(
-        "DPMSolverMultistepScheduler", "scheduler used to sample validation images",
+        "DPMSolverMultistepScheduler",
+        "scheduler used to sample validation images",
         choices=VALIDATION_SCHEDULERS,
     )
     eval_batch_size: int = flag(16, "images sampled at each sampling", tasks=_UNCOND)
@@ -253,7 +284,9 @@ class ValidationConfig:
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     logging_dir: str = flag("logs", "TensorBoard folder, relative to --output_dir")
-    report_to: str = flag("tensorboard", "tracker: tensorboard, wandb, comet_ml, all, none", choices=REPORT_TO)
+    report_to: str = flag(
+        "tensorboard", "tracker: tensorboard, wandb, comet_ml, all, none", choices=REPORT_TO
+    )
     tracker_project_name: str = flag("text2image-fine-tune", "project name given to the tracker")
     local_rank: int = flag(-1, "distributed local rank (the LOCAL_RANK env var wins)")
 
@@ -269,24 +302,34 @@ class HubConfig:
 @dataclasses.dataclass(frozen=True)
 class TorchConfig:
     enable_xformers_memory_efficient_attention: bool = flag(
-        False, "xFormers attention (falls back to PyTorch SDPA where xFormers cannot run)", backend="torch"
+        False,
+        "xFormers attention (falls back to PyTorch SDPA where xFormers cannot run)",
+        backend="torch",
     )
     allow_tf32: bool = flag(False, "allow TF32 matmuls on Ampere+ GPUs", backend="torch")
     set_grads_to_none: bool = flag(False, "optimizer.zero_grad(set_to_none=True)", backend="torch")
-    offload_ema: bool = flag(False, "keep the EMA weights on the CPU between updates", backend="torch")
+    offload_ema: bool = flag(
+        False, "keep the EMA weights on the CPU between updates", backend="torch"
+    )
     foreach_ema: bool = flag(False, "use the foreach EMA update", backend="torch")
 
 
 @dataclasses.dataclass(frozen=True)
 class FlaxConfig:
     parallelism: str = flag(
-        "pmap", "pmap (replicate/shard) or mesh (jit over a data x fsdp mesh)", backend="flax",
+        "pmap",
+        "pmap (replicate/shard) or mesh (jit over a data x fsdp mesh)",
+        backend="flax",
         choices=PARALLELISM,
     )
-    fsdp_size: int = flag(1, "devices per FSDP group on the mesh (the data axis takes the rest)", backend="flax")
+    fsdp_size: int = flag(
+        1, "devices per FSDP group on the mesh (the data axis takes the rest)", backend="flax"
+    )
     attention: str = flag(
-        "dot_product", "attention kernel: dot_product (fused), einsum (reference), flash (TPU)",
-        backend="flax", choices=FLAX_ATTENTION,
+        "dot_product",
+        "attention kernel: dot_product (fused), einsum (reference), flash (TPU)",
+        backend="flax",
+        choices=FLAX_ATTENTION,
     )
 
 
@@ -403,6 +446,9 @@ class TrainConfig:
                 value = getattr(sub, f.name)
                 if isinstance(value, (Mapping, list)):
                     object.__setattr__(sub, f.name, _freeze(value))
+        # Imported here: shared.validation needs this module's schema to exist first.
+        from shared.validation import validate
+
         validate(self)
 
     def get(self, name: str) -> Any:
@@ -448,218 +494,6 @@ def build(task: str, backend: str, values: Mapping[str, Any] | None = None) -> T
     parts = {c: {} for c in COMPONENTS}
     for name, value in merged.items():
         parts[FIELDS[name][0]][name] = value
-    return TrainConfig(task=task, backend=backend, **{c: COMPONENTS[c](**kw) for c, kw in parts.items()})
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Raises ConfigError for a value or combination that cannot run."""
-    _check(cfg.task in TASKS, f"unknown task {cfg.task!r}; valid tasks: {', '.join(TASKS)}")
-    _check(cfg.backend in BACKENDS, f"unknown backend {cfg.backend!r}; valid: {', '.join(BACKENDS)}")
-    task_defaults = defaults_for(cfg.task)
-    for name, (component, f) in FIELDS.items():
-        value = getattr(getattr(cfg, component), name)
-        choices = f.metadata["choices"]
-        if choices is not None and value not in choices:
-            shown = ", ".join(str(c) for c in choices if c is not None)
-            _check(False, f"--{name}={value!r} is not valid; choose one of: {shown}")
-        if value == task_defaults[name]:
-            continue
-        tasks, backend = f.metadata["tasks"], f.metadata["backend"]
-        if tasks is not None and cfg.task not in tasks:
-            _check(False, f"--{name} is a flag of {'/'.join(tasks)}; the {cfg.task} task does not use it")
-        if backend is not None and cfg.backend != backend:
-            _check(False, f"--{name} is a {backend}-only flag; {_BACKEND_HINTS.get(name, 'remove it')}")
-    _validate_ranges(cfg)
-    _validate_task(cfg)
-
-
-_BACKEND_HINTS = {
-    "enable_xformers_memory_efficient_attention": "flax uses a fused attention kernel; see --attention",
-    "allow_tf32": "XLA picks matmul precision on TPU/GPU; remove it for the flax backend",
-    "set_grads_to_none": "flax has no gradient buffers to reset; remove it",
-    "offload_ema": "flax keeps EMA params sharded like the params; remove it",
-    "foreach_ema": "the flax EMA update is one fused tree_map; remove it",
-    "parallelism": "torch parallelism is configured by `accelerate config`",
-    "fsdp_size": "torch parallelism is configured by `accelerate config`",
-    "attention": "use --enable_xformers_memory_efficient_attention on torch",
-}
-
-
-def _validate_ranges(cfg: TrainConfig) -> None:
-    t, o, d, c = cfg.training, cfg.optim, cfg.diffusion, cfg.checkpoint
-    positive = {
-        "train_batch_size": t.train_batch_size,
-        "num_train_epochs": t.num_train_epochs,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "resolution": cfg.data.resolution,
-        "checkpointing_steps": c.checkpointing_steps,
-        "sample_batch_size": cfg.prompts.sample_batch_size,
-        "lr_num_cycles": o.lr_num_cycles,
-        "fsdp_size": cfg.flax.fsdp_size,
-    }
-    optional_positive = {
-        "max_train_steps": t.max_train_steps,
-        "checkpoints_total_limit": c.checkpoints_total_limit,
-        "max_train_samples": cfg.data.max_train_samples,
-        "tokenizer_max_length": cfg.prompts.tokenizer_max_length,
-        "validation_steps": cfg.validation.validation_steps,
-        "validation_epochs": cfg.validation.validation_epochs,
-    }
-    for name, value in {**positive, **optional_positive}.items():
-        if value is not None:
-            _check(value >= 1, f"--{name} must be at least 1, got {value}")
-    non_negative = {
-        "learning_rate": o.learning_rate,
-        "lr_warmup_steps": o.lr_warmup_steps,
-        "adam_weight_decay": o.adam_weight_decay,
-        "adam_epsilon": o.adam_epsilon,
-        "max_grad_norm": o.max_grad_norm,
-        "noise_offset": d.noise_offset,
-        "input_perturbation": d.input_perturbation,
-        "prior_loss_weight": d.prior_loss_weight,
-        "dataloader_num_workers": cfg.data.dataloader_num_workers,
-        "num_class_images": cfg.prompts.num_class_images,
-    }
-    for name, value in non_negative.items():
-        _check(value >= 0, f"--{name} must be >= 0, got {value}")
-    for name in ("adam_beta1", "adam_beta2", "ema_max_decay"):
-        value = cfg.get(name)
-        _check(0 <= value < 1, f"--{name} must be in [0, 1), got {value}")
-    _check(
-        0 <= cfg.data.max_bad_image_fraction <= 1,
-        f"--max_bad_image_fraction must be in [0, 1], got {cfg.data.max_bad_image_fraction}",
-    )
-    if d.snr_gamma is not None:
-        _check(d.snr_gamma > 0, f"--snr_gamma must be > 0 (5.0 is recommended), got {d.snr_gamma}")
-    _check(
-        not (d.offset_noise and d.noise_offset not in (0.0, 0.1)),
-        f"--offset_noise means --noise_offset=0.1; it conflicts with --noise_offset={d.noise_offset}",
-    )
-
-
-def _validate_task(cfg: TrainConfig) -> None:
-    m, data, p, d = cfg.model, cfg.data, cfg.prompts, cfg.diffusion
-    if cfg.task in _LATENT:
-        inline = all((m.unet_config, m.vae_config, m.text_encoder_config, m.tokenizer_name))
-        _check(
-            m.pretrained_model_name_or_path is not None or inline,
-            f"--pretrained_model_name_or_path is required for {cfg.task} (a hub id or a diffusers "
-            "folder), unless a model config (configs/models/*.yaml) gives unet_config, vae_config and "
-            "text_encoder_config and --tokenizer_name names a tokenizer",
-        )
-        _check(
-            data.resolution % 8 == 0,
-            f"--resolution={data.resolution} must be a multiple of 8 (the VAE downsamples by 8)",
-        )
-        _check(
-            d.prediction_type != "sample",
-            "--prediction_type=sample is for the unconditional task; use epsilon or v_prediction",
-        )
-    if cfg.task == "unconditional":
-        _check(
-            d.prediction_type in ("epsilon", "sample", "v_prediction"),
-            "--prediction_type must be set for the unconditional task (epsilon, v_prediction or sample)",
-        )
-    if cfg.task in ("unconditional", "text2image"):
-        _check(
-            data.dataset_name is not None or data.train_data_dir is not None,
-            f"{cfg.task} needs data: give --dataset_name (hub name, local dataset, or tfds:NAME) "
-            "or --train_data_dir (a local image folder)",
-        )
-    if cfg.task == "dreambooth":
-        _check(data.instance_data_dir is not None, "dreambooth needs --instance_data_dir (subject images)")
-        _check(p.instance_prompt is not None, "dreambooth needs --instance_prompt, e.g. 'a photo of sks dog'")
-        if d.with_prior_preservation:
-            _check(
-                data.class_data_dir is not None,
-                "--with_prior_preservation needs --class_data_dir (created and filled if short)",
-            )
-            _check(p.class_prompt is not None, "--with_prior_preservation needs --class_prompt")
-        elif data.class_data_dir is not None or p.class_prompt is not None:
-            logger.warning(
-                "--class_data_dir/--class_prompt are ignored without --with_prior_preservation"
-            )
-        _check(
-            not (m.train_text_encoder and p.pre_compute_text_embeddings),
-            "--train_text_encoder and --pre_compute_text_embeddings cannot be combined: precomputed "
-            "embeddings freeze the text encoder; drop one of them",
-        )
-    if cfg.backend == "flax":
-        _check(
-            cfg.training.mixed_precision != "fp16",
-            "--mixed_precision=fp16 is not supported on the flax backend (no loss scaling; TPUs "
-            "compute in bf16): use --mixed_precision=bf16",
-        )
-    _check(
-        not (cfg.hub.hub_token and cfg.logging.report_to in ("wandb", "all")),
-        "--hub_token with --report_to=wandb would expose the token to wandb; log in with "
-        "`huggingface-cli login` instead",
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    """Values derived from a config and the data; never written back into the config.
-
-    Attributes:
-      num_devices: devices over all processes (data-parallel replicas).
-      num_processes: processes (hosts on TPU, one per GPU on torch).
-      per_process_batch_size: examples one process loads per micro-batch.
-      global_batch_size: examples per micro-batch over all devices.
-      effective_batch_size: examples per optimizer update (x gradient accumulation).
-      batches_per_epoch: micro-batches per epoch (the remainder of the data is dropped).
-      updates_per_epoch: optimizer updates per epoch.
-      max_train_steps: total optimizer updates.
-      num_train_epochs: epochs, recomputed from max_train_steps when it is given.
-      learning_rate: after --scale_lr.
-    """
-
-    num_devices: int
-    num_processes: int
-    per_process_batch_size: int
-    global_batch_size: int
-    effective_batch_size: int
-    batches_per_epoch: int
-    updates_per_epoch: int
-    max_train_steps: int
-    num_train_epochs: int
-    learning_rate: float
-
-
-def plan_run(cfg: TrainConfig, *, dataset_size: int, num_devices: int = 1, num_processes: int = 1) -> RunPlan:
-    """Derives batch sizes, steps and the learning rate for `dataset_size` examples."""
-    if num_devices < num_processes or num_devices % num_processes:
-        raise ConfigError(f"{num_devices} devices cannot be split evenly over {num_processes} processes")
-    t = cfg.training
-    global_batch = t.train_batch_size * num_devices
-    batches_per_epoch = dataset_size // global_batch
-    if batches_per_epoch == 0:
-        raise ConfigError(
-            f"the dataset has {dataset_size} examples, fewer than one global batch "
-            f"({t.train_batch_size} per device x {num_devices} devices = {global_batch}); "
-            "lower --train_batch_size or add data"
-        )
-    updates_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
-    if t.max_train_steps is None:
-        max_steps, epochs = t.num_train_epochs * updates_per_epoch, t.num_train_epochs
-    else:
-        max_steps, epochs = t.max_train_steps, math.ceil(t.max_train_steps / updates_per_epoch)
-    effective = global_batch * t.gradient_accumulation_steps
-    lr = cfg.optim.learning_rate * (effective if cfg.optim.scale_lr else 1)
-    return RunPlan(
-        num_devices=num_devices,
-        num_processes=num_processes,
-        per_process_batch_size=global_batch // num_processes,
-        global_batch_size=global_batch,
-        effective_batch_size=effective,
-        batches_per_epoch=batches_per_epoch,
-        updates_per_epoch=updates_per_epoch,
-        max_train_steps=max_steps,
-        num_train_epochs=epochs,
-        learning_rate=lr,
+    return TrainConfig(
+        task=task, backend=backend, **{c: COMPONENTS[c](**kw) for c, kw in parts.items()}
     )

@@ -32,7 +32,9 @@ def test_shared_never_imports_a_backend(path):
     assert not bad, f"{path} imports {sorted(bad)}; shared/ must stay backend-neutral"
 
 
-@pytest.mark.parametrize(("package", "other"), [("flaxdiff", "torchdiff"), ("torchdiff", "flaxdiff")])
+@pytest.mark.parametrize(
+    ("package", "other"), [("flaxdiff", "torchdiff"), ("torchdiff", "flaxdiff")]
+)
 def test_backends_never_import_each_other(package, other):
     for path in modules(package):
         assert other not in imported_roots(path), f"{path} imports {other}"

@@ -8,9 +8,17 @@ import pytest
 from shared import cli
 from shared import config as C
 from shared.config import ConfigError
+from shared.plan import plan_run
 
 T2I = ["--pretrained_model_name_or_path", "m", "--dataset_name", "d"]
-DB = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "i", "--instance_prompt", "sks"]
+DB = [
+    "--pretrained_model_name_or_path",
+    "m",
+    "--instance_data_dir",
+    "i",
+    "--instance_prompt",
+    "sks",
+]
 
 
 def write(path, text):
@@ -94,7 +102,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 def test_config_task_mismatch(tmp_path):
     path = write(tmp_path / "db.yaml", "task: dreambooth\n")
-    with pytest.raises(ConfigError, match="for task 'dreambooth'.*runs 'text2image'"):
+    with pytest.raises(ConfigError, match=r"for task 'dreambooth'.*runs 'text2image'"):
         parse(["--config", str(path), *T2I])
 
 
@@ -122,7 +130,9 @@ def test_cli_forms():
 
 
 def test_aliases_of_unconditional_flags():
-    cfg = parse(["--dataset_name", "d", "--num_epochs", "7", "--logger", "wandb"], task="unconditional")
+    cfg = parse(
+        ["--dataset_name", "d", "--num_epochs", "7", "--logger", "wandb"], task="unconditional"
+    )
     assert cfg.training.num_train_epochs == 7 and cfg.logging.report_to == "wandb"
 
 
@@ -142,20 +152,44 @@ def test_help_lists_task_flags_only(capsys):
 @pytest.mark.parametrize(
     ("task", "argv", "message"),
     [
-        ("dreambooth", [*DB, "--with_prior_preservation", "--class_prompt", "dog"], "needs --class_data_dir"),
-        ("dreambooth", [*DB, "--with_prior_preservation", "--class_data_dir", "c"], "needs --class_prompt"),
-        ("dreambooth", [*DB, "--train_text_encoder", "--pre_compute_text_embeddings"], "cannot be combined"),
-        ("text2image", [*T2I, "--instance_prompt", "x"], "--instance_prompt is a flag of dreambooth"),
+        (
+            "dreambooth",
+            [*DB, "--with_prior_preservation", "--class_prompt", "dog"],
+            "needs --class_data_dir",
+        ),
+        (
+            "dreambooth",
+            [*DB, "--with_prior_preservation", "--class_data_dir", "c"],
+            "needs --class_prompt",
+        ),
+        (
+            "dreambooth",
+            [*DB, "--train_text_encoder", "--pre_compute_text_embeddings"],
+            "cannot be combined",
+        ),
+        (
+            "text2image",
+            [*T2I, "--instance_prompt", "x"],
+            "--instance_prompt is a flag of dreambooth",
+        ),
         ("text2image", [*T2I, "--resolution", "500"], "multiple of 8"),
         ("text2image", [*T2I, "--prediction_type", "sample"], "for the unconditional task"),
-        ("text2image", [*T2I, "--lr_scheduler", "cosine_annealing"], "choose one of: linear, cosine"),
+        (
+            "text2image",
+            [*T2I, "--lr_scheduler", "cosine_annealing"],
+            "choose one of: linear, cosine",
+        ),
         ("text2image", [*T2I, "--train_batch_size", "0"], "--train_batch_size must be at least 1"),
         ("text2image", [*T2I, "--learning_rate", "-1"], "--learning_rate must be >= 0"),
         ("text2image", [*T2I, "--adam_beta2", "1.0"], r"--adam_beta2 must be in \[0, 1\)"),
         ("text2image", [*T2I, "--snr_gamma", "0"], "--snr_gamma must be > 0"),
         ("text2image", [*T2I, "--hub_token", "secret", "--report_to", "wandb"], "expose the token"),
         ("text2image", [*T2I, "--max_bad_image_fraction", "2"], "max_bad_image_fraction"),
-        ("dreambooth", [*DB, "--offset_noise", "--noise_offset", "0.3"], "conflicts with --noise_offset"),
+        (
+            "dreambooth",
+            [*DB, "--offset_noise", "--noise_offset", "0.3"],
+            "conflicts with --noise_offset",
+        ),
         ("text2image", [*T2I, "--parallelism", "mesh"], "--parallelism is a flax-only flag"),
     ],
 )
@@ -245,7 +279,7 @@ def _flat(nested):
 def test_plan_run_numbers():
     cfg = parse([*T2I, "--train_batch_size", "4", "--gradient_accumulation_steps", "3",
                  "--num_train_epochs", "2", "--learning_rate", "1e-5", "--scale_lr"])  # fmt: skip
-    plan = C.plan_run(cfg, dataset_size=1000, num_devices=8, num_processes=2)
+    plan = plan_run(cfg, dataset_size=1000, num_devices=8, num_processes=2)
     assert plan.global_batch_size == 32 and plan.per_process_batch_size == 16
     assert plan.effective_batch_size == 96
     assert plan.batches_per_epoch == 31  # 1000 // 32, remainder dropped
@@ -257,10 +291,10 @@ def test_plan_run_numbers():
 
 def test_plan_run_max_steps_sets_epochs_and_errors():
     cfg = parse([*T2I, "--train_batch_size", "2", "--max_train_steps", "25"])
-    plan = C.plan_run(cfg, dataset_size=20)
+    plan = plan_run(cfg, dataset_size=20)
     assert (plan.updates_per_epoch, plan.max_train_steps, plan.num_train_epochs) == (10, 25, 3)
     assert plan.learning_rate == cfg.optim.learning_rate
     with pytest.raises(ConfigError, match="fewer than one global batch"):
-        C.plan_run(cfg, dataset_size=7, num_devices=4)
+        plan_run(cfg, dataset_size=7, num_devices=4)
     with pytest.raises(ConfigError, match="split evenly"):
-        C.plan_run(cfg, dataset_size=100, num_devices=3, num_processes=2)
+        plan_run(cfg, dataset_size=100, num_devices=3, num_processes=2)
