@@ -5,6 +5,8 @@ train_text_to_image.py (57) and train_dreambooth.py (61): (name, default, kind).
 line must work unchanged, so every one of them is checked against the parsed config.
 """
 
+import shlex
+
 import pytest
 
 from shared import cli
@@ -282,19 +284,36 @@ def test_required_flags(task, missing):
 def test_diffusers_example_test_command_lines_parse():
     """The command lines of diffusers' own example tests (tiny hub ids swapped for local paths)."""
     uncond = cli.parse_args(
-        ["--dataset_name", "data", "--model_config_name_or_path", "cfg", "--resolution", "64", "--output_dir", "out", "--train_batch_size", "2", "--num_epochs", "1", "--gradient_accumulation_steps", "1", "--ddpm_num_inference_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "5", "--checkpointing_steps=2", "--checkpoints_total_limit=2"],
+        shlex.split(
+            "--dataset_name data --model_config_name_or_path cfg --resolution 64 --output_dir out "
+            "--train_batch_size 2 --num_epochs 1 --gradient_accumulation_steps 1 "
+            "--ddpm_num_inference_steps 2 --learning_rate 1e-3 --lr_warmup_steps 5 "
+            "--checkpointing_steps=2 --checkpoints_total_limit=2"
+        ),
         task="unconditional",
         backend="torch",
     )
     assert (uncond.training.num_train_epochs, uncond.checkpoint.checkpoints_total_limit) == (1, 2)
     t2i = cli.parse_args(
-        ["--pretrained_model_name_or_path", "tiny", "--dataset_name", "data", "--resolution", "64", "--center_crop", "--random_flip", "--train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "2", "--learning_rate", "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--output_dir", "out", "--checkpointing_steps=2", "--resume_from_checkpoint=checkpoint-4"],
+        shlex.split(
+            "--pretrained_model_name_or_path tiny --dataset_name data --resolution 64 "
+            "--center_crop --random_flip --train_batch_size 1 --gradient_accumulation_steps 1 "
+            "--max_train_steps 2 --learning_rate 5.0e-04 --scale_lr --lr_scheduler constant "
+            "--lr_warmup_steps 0 --output_dir out --checkpointing_steps=2 "
+            "--resume_from_checkpoint=checkpoint-4"
+        ),
         task="text2image",
         backend="torch",
     )
     assert t2i.optim.scale_lr and t2i.checkpoint.resume_from_checkpoint == "checkpoint-4"
     db = cli.parse_args(
-        ["--pretrained_model_name_or_path", "tiny", "--instance_data_dir", "imgs", "--instance_prompt", "photo", "--resolution", "64", "--train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "2", "--learning_rate", "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--output_dir", "out", "--pre_compute_text_embeddings", "--tokenizer_max_length=77", "--text_encoder_use_attention_mask"],
+        shlex.split(
+            "--pretrained_model_name_or_path tiny --instance_data_dir imgs --instance_prompt "
+            "photo --resolution 64 --train_batch_size 1 --gradient_accumulation_steps 1 "
+            "--max_train_steps 2 --learning_rate 5.0e-04 --scale_lr --lr_scheduler constant "
+            "--lr_warmup_steps 0 --output_dir out --pre_compute_text_embeddings "
+            "--tokenizer_max_length=77 --text_encoder_use_attention_mask"
+        ),
         task="dreambooth",
         backend="torch",
     )

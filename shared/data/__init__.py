@@ -1,0 +1,140 @@
+"""Training data from a config: the source, the image transform and the loader.
+
+    source = build_source(cfg)                      # what the examples are
+    loader = build_loader(cfg, source, batch_size=plan.per_process_batch_size,
+                          process_index=..., process_count=..., collate_text=tokenize)
+
+Both backends call these; what they do with the numpy batches is their own business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from shared.config import TrainConfig
+from shared.data.loader import DataError, Loader, SampleError
+from shared.data.records import BadImageError, ImageRef, Record
+from shared.data.sources import (
+    Source,
+    SubsetSource,
+    count_images,
+    dreambooth_source,
+    hf_dataset_source,
+    image_folder_source,
+    list_images,
+    tfds_source,
+)
+from shared.data.transforms import ImageTransform, normalize
+
+TFDS_PREFIX = "tfds:"
+
+
+def build_source(cfg: TrainConfig) -> Source:
+    """The training examples of `cfg`: DreamBooth folders, a TFDS/HF dataset or an image folder."""
+    data = cfg.data
+    if cfg.task == "dreambooth":
+        prior = cfg.diffusion.with_prior_preservation
+        return dreambooth_source(
+            data.instance_data_dir,
+            instance_prompt=cfg.prompts.instance_prompt,
+            class_data_dir=data.class_data_dir if prior else None,
+            class_prompt=cfg.prompts.class_prompt if prior else None,
+            with_prior_preservation=prior,
+            num_class_images=cfg.prompts.num_class_images if prior else None,
+        )
+    caption_column = data.caption_column if cfg.task == "text2image" else None
+    if data.dataset_name and data.dataset_name.startswith(TFDS_PREFIX):
+        source = tfds_source(
+            data.dataset_name.removeprefix(TFDS_PREFIX),
+            data_dir=data.tfds_data_dir,
+            split=data.dataset_split,
+            image_key=data.image_column,
+            caption_key=caption_column,
+        )
+    elif data.dataset_name:
+        # max_train_samples is applied inside, exactly as diffusers does on the HF dataset.
+        return hf_dataset_source(
+            data.dataset_name,
+            dataset_config_name=data.dataset_config_name,
+            train_data_dir=data.train_data_dir,
+            cache_dir=data.cache_dir,
+            split=data.dataset_split,
+            image_column=data.image_column,
+            caption_column=caption_column,
+            max_train_samples=data.max_train_samples,
+            seed=cfg.seed,
+        )
+    else:
+        source = image_folder_source(data.train_data_dir, caption_column=caption_column)
+    if data.max_train_samples is not None and data.max_train_samples < len(source):
+        source = SubsetSource(source, data.max_train_samples, seed=cfg.seed)
+    return source
+
+
+def build_transform(cfg: TrainConfig) -> ImageTransform:
+    data = cfg.data
+    return ImageTransform(
+        data.resolution,
+        center_crop=data.center_crop,
+        random_flip=data.random_flip,
+        interpolation=data.image_interpolation_mode,
+        preserve_input_precision=data.preserve_input_precision,
+    )
+
+
+def build_loader(
+    cfg: TrainConfig,
+    source: Source,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    collate_text: Callable[[list[str]], Mapping[str, np.ndarray]] | None = None,
+    state: Mapping[str, int] | None = None,
+    train: bool = True,
+    **loader_kwargs: Any,
+) -> Loader:
+    """The loader of `source` with `cfg`'s transform, seed, workers and bad-image limit.
+
+    Args:
+      batch_size: examples per batch on this process (`RunPlan.per_process_batch_size`).
+      process_index, process_count: this process among those that share the data.
+      collate_text: e.g. a tokenizer turning the batch's captions into ``input_ids``.
+      state: a loader position saved in a checkpoint, to resume from.
+      train: shuffle and random captions; False gives dataset order and first captions.
+    """
+    return Loader(
+        source,
+        batch_size=batch_size,
+        transform=build_transform(cfg),
+        seed=cfg.seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_workers=cfg.data.dataloader_num_workers,
+        train=train,
+        max_bad_fraction=cfg.data.max_bad_image_fraction,
+        collate_text=collate_text,
+        state=state,
+        **loader_kwargs,
+    )
+
+
+__all__ = [
+    "BadImageError",
+    "DataError",
+    "ImageRef",
+    "ImageTransform",
+    "Loader",
+    "Record",
+    "SampleError",
+    "Source",
+    "build_loader",
+    "build_source",
+    "build_transform",
+    "count_images",
+    "list_images",
+    "normalize",
+]

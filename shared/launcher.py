@@ -1,0 +1,197 @@
+"""`twindiff`: one command for both backends.
+
+    twindiff demo [--backend flax|torch] [--assets DIR] [flags...]   the offline demo
+    twindiff TASK --backend flax|torch [flags...]     = python -m {backend}diff.{task} [flags...]
+    twindiff config TASK [--backend B] [flags...]     print the resolved config as YAML
+
+The launcher is one of the two places (with the parity tests) that know both backends; it reaches
+them by module name only, so `shared` still imports neither.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import runpy
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared import cli
+from shared import config as C
+from shared.config import ConfigError
+from shared.plan import plan_run
+
+logger = logging.getLogger("twindiff")
+DEMO_CONFIG = "demo.yaml"
+
+
+def _pop_option(args: list[str], name: str, default: str | None) -> str | None:
+    """Removes `--name value` / `--name=value` from args and returns the value."""
+    for i, token in enumerate(args):
+        if token == f"--{name}":
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{name} needs a value")
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if token.startswith(f"--{name}="):
+            del args[i]
+            return token.split("=", 1)[1]
+    return default
+
+
+def _backend_module(backend: str, task: str) -> str | None:
+    name = f"{backend}diff.{task}"
+    return name if importlib.util.find_spec(name) is not None else None
+
+
+def run_task(task: str, backend: str, args: Sequence[str]) -> None:
+    """Runs `python -m {backend}diff.{task} args` in this process."""
+    if backend not in C.BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
+    module = _backend_module(backend, task)
+    if module is None:
+        raise ConfigError(f"this twindiff has no {backend}diff.{task} module to run")
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def demo_args(assets, flags: Sequence[str]) -> list[str]:
+    """The demo's command line: demo.yaml, the generated asset paths, then the user's flags."""
+    return [
+        "--config", DEMO_CONFIG,
+        "--instance_data_dir", str(assets.instance_dir),
+        "--class_data_dir", str(assets.class_dir),
+        "--tokenizer_name", str(assets.tokenizer_dir),
+        *flags,
+    ]  # fmt: skip
+
+
+def run_demo(args: list[str]) -> dict:
+    """The offline demo: build the assets, then train with the backend, or run the data pipeline."""
+    from shared.demo import build_demo_assets
+
+    backend = _pop_option(args, "backend", "flax")
+    _, cli_values = cli.parse_cli(args)
+    output_dir = cli_values.get("output_dir") or cli.load_yaml(DEMO_CONFIG)["output_dir"]
+    assets = build_demo_assets(_pop_option(args, "assets", str(Path(output_dir) / "assets")))
+    argv = demo_args(assets, args)
+    module = _backend_module(backend, "dreambooth")
+    if module is not None:
+        run_task("dreambooth", backend, argv)
+        return {"trained_with": module}
+    cfg = cli.parse_args(argv, task="dreambooth", backend=backend)
+    return run_data_pipeline(cfg)
+
+
+def run_data_pipeline(cfg: C.TrainConfig) -> dict:
+    """Everything a training run does before the model: config, data, prompts; a report of it."""
+    from shared.data import build_loader, build_source
+    from shared.grids import save_grid
+    from shared.prompts import ClipTokenizer
+
+    out = Path(cfg.checkpoint.output_dir)
+    cli.save_config(cfg, out / "config.yaml")
+    source = build_source(cfg)
+    tokenizer = ClipTokenizer.from_pretrained(cfg.model.tokenizer_name)
+    max_length = cfg.prompts.tokenizer_max_length
+
+    def tokenize(captions):
+        tokens = tokenizer(captions, max_length=max_length)
+        return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+
+    plan = plan_run(cfg, dataset_size=len(source))
+    steps = plan.max_train_steps * cfg.training.gradient_accumulation_steps
+    start = time.perf_counter()
+    with build_loader(
+        cfg, source, batch_size=plan.per_process_batch_size, collate_text=tokenize
+    ) as loader:
+        first = next(loader)
+        for _ in range(steps - 1):
+            next(loader)
+        state = loader.state()
+    seconds = time.perf_counter() - start
+    images = [first["pixel_values"]]
+    if "class_pixel_values" in first:
+        images.append(first["class_pixel_values"])
+    grid = save_grid(
+        __import__("numpy").concatenate(images),
+        out / "samples" / "first-batch.png",
+        rows=len(images),
+    )
+    (out / "loader-state.json").write_text(json.dumps(state) + "\n")
+    report = {
+        "source": source.describe(),
+        "plan": plan,
+        "batches": steps,
+        "seconds": seconds,
+        "shapes": {k: (v.shape, str(v.dtype)) for k, v in first.items() if hasattr(v, "shape")},
+        "first_caption": first["captions"][0],
+        "first_input_ids": first["input_ids"][0].tolist(),
+        "loader_state": state,
+        "files": [str(out / "config.yaml"), str(grid), str(out / "loader-state.json")],
+    }
+    _print_report(cfg, report)
+    return report
+
+
+def _print_report(cfg: C.TrainConfig, report: dict) -> None:
+    plan = report["plan"]
+    ids = report["first_input_ids"]
+    shown = ids[: ids.index(ids[-1]) + 1] if ids else ids
+    lines = [
+        f"twindiff demo: {cfg.task} on {cfg.backend} ({cfg.data.resolution}px, seed {cfg.seed})",
+        f"  data      {report['source']}",
+        f"  plan      {plan.max_train_steps} steps, batch {plan.per_process_batch_size} per step, "
+        f"lr {plan.learning_rate:g}",
+        f"  loader    {report['batches']} batches in {report['seconds']:.2f} s, position {report['loader_state']}",
+        *(f"  batch     {k}: {shape} {dtype}" for k, (shape, dtype) in report["shapes"].items()),
+        f"  prompt    {report['first_caption']!r} -> {shown}",
+        *(f"  wrote     {path}" for path in report["files"]),
+        f"  training  no {cfg.backend}diff trainer is installed in this version of twindiff; "
+        "this run checked the config, data and prompt pipeline it will use",
+    ]
+    print("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("TWINDIFF_LOG_LEVEL", "WARNING"),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    args = list(sys.argv[1:] if argv is None else argv)
+    usage = __doc__.split("\n\n")[1]
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage:\n{usage}")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    try:
+        if command == "demo":
+            run_demo(rest)
+        elif command == "config":
+            if not rest:
+                raise ConfigError("usage: twindiff config TASK [--backend B] [flags...]")
+            task, flags = rest[0], rest[1:]
+            backend = _pop_option(flags, "backend", "flax")
+            print(cli.to_yaml(cli.parse_args(flags, task=task, backend=backend)), end="")
+        elif command in C.TASKS:
+            backend = _pop_option(rest, "backend", None)
+            if backend is None:
+                raise ConfigError(f"twindiff {command} needs --backend flax or --backend torch")
+            run_task(command, backend, rest)
+        else:
+            raise ConfigError(
+                f"unknown command {command!r}; commands: demo, config, {', '.join(C.TASKS)}"
+            )
+    except ConfigError as err:
+        print(f"twindiff: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The README's first quick-start command, `twindiff demo`, through its real console entry point."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared import cli
+
+pytestmark = pytest.mark.slow
+
+
+def twindiff(*args, cwd):
+    exe = shutil.which("twindiff")
+    command = [exe] if exe else [sys.executable, "-m", "shared.launcher"]
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
+    result = twindiff("demo", "--backend", "torch", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "twindiff-demo"
+    cfg = cli.load_saved_config(out / "config.yaml")
+    assert (cfg.task, cfg.backend, cfg.diffusion.with_prior_preservation) == (
+        "dreambooth",
+        "torch",
+        True,
+    )
+    assert Path(cfg.data.instance_data_dir) == out / "assets" / "instance"
+    # 8 class images, batch 2: an epoch is 4 batches, so 8 steps end exactly at epoch 2.
+    assert json.loads((out / "loader-state.json").read_text()) == {"epoch": 2, "position": 0}
+    grid = np.asarray(Image.open(out / "samples" / "first-batch.png"))
+    assert grid.shape == (128, 128, 3)  # instance row over class row, 2 images of 64px each
+    assert "a photo of sks cat" in result.stdout
+
+    again = twindiff("demo", "--backend", "torch", "--max_train_steps", "3", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    # The assets are reused; 3 steps of batch 2 stop inside the first epoch of 8 examples.
+    assert json.loads((out / "loader-state.json").read_text()) == {"epoch": 0, "position": 6}
+
+
+def test_launcher_errors_are_clear(tmp_path):
+    result = twindiff("text2image", cwd=tmp_path)
+    assert result.returncode == 2 and "needs --backend flax or --backend torch" in result.stderr
+    result = twindiff("train", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown command 'train'" in result.stderr
+    result = twindiff("demo", "--lerning_rate", "1", cwd=tmp_path)
+    assert result.returncode == 2 and "did you mean 'learning_rate'" in result.stderr
+
+
+def test_config_command_prints_resolved_yaml(tmp_path):
+    result = twindiff(
+        "config", "dreambooth", "--backend", "torch", "--config", "tasks/dreambooth.yaml",
+        "--learning_rate", "2e-6", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "resolved.yaml"
+    path.write_text(result.stdout)
+    cfg = cli.load_saved_config(path)
+    assert cfg.optim.learning_rate == 2e-6 and cfg.prompts.instance_prompt == "a photo of sks dog"
