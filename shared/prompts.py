@@ -379,30 +379,33 @@ def select_caption(
     return clean_caption(captions[index])
 
 
-def normalize_caption_field(value: Any, *, column: str, index: int) -> tuple[str, ...]:
+def normalize_caption_field(value: Any, *, where: str) -> tuple[str, ...]:
     """A dataset cell as a tuple of candidate captions (each passed through `clean_caption`).
 
     Accepts a string, a list/tuple/1-D array of strings (None items allowed), or None (no
     caption: ``()``).
 
+    Args:
+      value: the cell.
+      where: what messages call the cell, e.g. "metadata.jsonl line 12, column 'text'".
+
     Raises:
-      TypeError: any other value, naming the column and row.
+      ValueError: any other value, naming `where`.
     """
-    where = f"caption column {column!r}, row {index}"
     if value is None:
         return ()
     if isinstance(value, str):
         return (clean_caption(value),)
     if isinstance(value, np.ndarray) and value.ndim != 1:
-        raise TypeError(f"{where}: expected a 1-D array of strings, got shape {value.shape}")
+        raise ValueError(f"{where}: expected a 1-D array of strings, got shape {value.shape}")
     if isinstance(value, (list, tuple, np.ndarray)):
         for j, item in enumerate(value):
             if item is not None and not isinstance(item, str):
-                raise TypeError(
+                raise ValueError(
                     f"{where}: item {j} is a {type(item).__name__} ({item!r:.60}), expected str"
                 )
         return tuple(clean_caption(item) for item in value)
-    raise TypeError(
+    raise ValueError(
         f"{where}: expected a string, a list of strings or None, "
         f"got {type(value).__name__} ({value!r:.60})"
     )

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from shared.data.records import ImageRef, Record
+from shared.prompts import normalize_caption_field
 
 # Formats PIL opens; matched case-insensitively.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -148,27 +149,6 @@ def count_images(folder: str | os.PathLike, *, recursive: bool = True) -> int:
     return len(list_images(folder, recursive=recursive))
 
 
-def caption_candidates(value: Any, *, where: str) -> tuple[str, ...]:
-    """A caption cell as candidate captions: a string, a list of strings, or None (no caption).
-
-    Args:
-      value: the cell.
-      where: what error messages call the cell (file and line, dataset row...).
-
-    Raises:
-      ValueError: the cell is neither a string nor a list of strings.
-    """
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ValueError(
-        f"{where}: caption {value!r} ({type(value).__name__}) must be a string or a list of strings"
-    )
-
-
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, 1):
@@ -263,7 +243,9 @@ def _metadata_captions(
                     raise ValueError(f"{where}: {file_name!r} is not an image ({IMAGE_EXTENSIONS})")
                 continue  # an image the listing left out on purpose (hidden, not recursive)
             cell = (
-                caption_candidates(row.get(caption_column), where=where) if caption_column else ()
+                normalize_caption_field(row.get(caption_column), where=where)
+                if caption_column
+                else ()
             )
             captions.setdefault(rel, []).extend(cell)
     return captions

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.data.folder import caption_candidates, check_index, list_images
+from shared.data.folder import check_index, list_images
 from shared.data.records import ImageRef, Record
+from shared.prompts import normalize_caption_field
 
 _SAVED_DATASET_FILES = ("state.json", "dataset_info.json")  # written by Dataset.save_to_disk
 _SAVED_DICT_FILE = "dataset_dict.json"  # written by DatasetDict.save_to_disk
@@ -188,7 +189,7 @@ class HFDatasetSource:
         captions = ()
         if self._caption_column is not None:
             where = f"{name} column {self._caption_column!r}"
-            captions = caption_candidates(row[self._caption_column], where=where)
+            captions = normalize_caption_field(row[self._caption_column], where=where)
         return Record(image=image, captions=captions)
 
     def describe(self) -> str:

@@ -73,6 +73,7 @@ import numpy as np
 
 from shared.data import transforms
 from shared.data.records import BadImageError, Record
+from shared.prompts import select_caption
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +112,12 @@ def _load_sample(job: _Job, epoch: int, index: int, names: list[str]) -> dict[st
     extra_names = tuple(sorted(record.extras))
     arrays = [job.transform(record.image, rng)]
     arrays += [job.transform(record.extras[name], rng) for name in extra_names]
-    captions = record.captions
-    k = int(rng.integers(len(captions))) if job.train and len(captions) > 1 else 0
-    caption = captions[k] if captions else None
-    if caption is not None and not isinstance(caption, str):
-        raise TypeError(f"captions must be strings, got {type(caption).__name__}: {caption!r}")
+    caption = select_caption(record.captions, train=job.train, rng=rng)
     return {
         "index": index,
         "arrays": arrays,  # the image, then the extras in `extra_names` order
         "extra_names": extra_names,
-        "caption": caption or "",
+        "caption": caption,
         "meta": dict(record.meta),
     }
 

@@ -22,7 +22,6 @@ from shared.data.dreambooth import DreamBoothSource, dreambooth_source
 from shared.data.folder import (
     IMAGE_EXTENSIONS,
     ImageFolderSource,
-    caption_candidates,
     check_index,
     count_images,
     image_folder_source,
@@ -77,7 +76,6 @@ __all__ = [
     "Source",
     "SubsetSource",
     "TfdsSource",
-    "caption_candidates",
     "count_images",
     "dreambooth_source",
     "hf_dataset_source",

@@ -324,16 +324,16 @@ def test_empty_caption_rule():
 
 
 def test_normalize_caption_field():
-    assert normalize_caption_field("a cat", column="text", index=0) == ("a cat",)
-    assert normalize_caption_field(["a", "b"], column="text", index=0) == ("a", "b")
-    assert normalize_caption_field(("a",), column="text", index=0) == ("a",)
-    assert normalize_caption_field(np.array(["a", "b"]), column="text", index=0) == ("a", "b")
+    assert normalize_caption_field("a cat", where="row 0") == ("a cat",)
+    assert normalize_caption_field(["a", "b"], where="row 0") == ("a", "b")
+    assert normalize_caption_field(("a",), where="row 0") == ("a",)
+    assert normalize_caption_field(np.array(["a", "b"]), where="row 0") == ("a", "b")
     array = np.array(["a", None], dtype=object)
-    assert normalize_caption_field(array, column="text", index=0) == ("a", "")
-    assert normalize_caption_field(None, column="text", index=0) == ()
-    assert normalize_caption_field([], column="text", index=0) == ()
-    assert normalize_caption_field("   ", column="text", index=0) == ("",)
-    assert normalize_caption_field(np.str_("np string"), column="text", index=0) == ("np string",)
+    assert normalize_caption_field(array, where="row 0") == ("a", "")
+    assert normalize_caption_field(None, where="row 0") == ()
+    assert normalize_caption_field([], where="row 0") == ()
+    assert normalize_caption_field("   ", where="row 0") == ("",)
+    assert normalize_caption_field(np.str_("np string"), where="row 0") == ("np string",)
 
 
 @pytest.mark.parametrize(
@@ -347,9 +347,9 @@ def test_normalize_caption_field():
     ],
 )
 def test_normalize_caption_field_errors(value, fragment):
-    with pytest.raises(TypeError) as info:
-        normalize_caption_field(value, column="caption", index=12)
-    assert "'caption'" in str(info.value) and "row 12" in str(info.value)
+    with pytest.raises(ValueError, match=fragment) as info:
+        normalize_caption_field(value, where="caption column 'caption', row 12")
+    assert str(info.value).startswith("caption column 'caption', row 12: ")
     assert fragment in str(info.value)
 
 

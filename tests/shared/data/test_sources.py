@@ -183,7 +183,7 @@ def test_folder_errors_name_the_folder_and_flag(tmp_path):
         ("metadata.jsonl", '{"file_name": "a.png", "caption": "a"}\n',
          ValueError, r"no caption column 'text'; its columns are \['caption', 'file_name'\]"),
         ("metadata.jsonl", '{"file_name": "a.png", "text": 7}\n',
-         ValueError, r"line 1: caption 7 \(int\) must be a string or a list of strings"),
+         ValueError, r"line 1.*: expected a string, a list of strings or None, got int \(7\)"),
         ("sub/metadata.jsonl", '{"file_name": "../a.png", "text": "a"}\n',
          ValueError, "relative to the metadata file"),
         ("metadata.jsonl", '["a.png", "text"]\n', ValueError, "line 1: expected a JSON object"),
