@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from shared import cli
 from shared import config as C
 from shared.config import ConfigError
@@ -115,14 +117,10 @@ def run_data_pipeline(cfg: C.TrainConfig) -> dict:
             next(loader)
         state = loader.state()
     seconds = time.perf_counter() - start
-    images = [first["pixel_values"]]
+    rows = [first["pixel_values"]]  # instance images, then class images under them
     if "class_pixel_values" in first:
-        images.append(first["class_pixel_values"])
-    grid = save_grid(
-        __import__("numpy").concatenate(images),
-        out / "samples" / "first-batch.png",
-        rows=len(images),
-    )
+        rows.append(first["class_pixel_values"])
+    grid = save_grid(np.concatenate(rows), out / "samples" / "first-batch.png", rows=len(rows))
     (out / "loader-state.json").write_text(json.dumps(state) + "\n")
     report = {
         "source": source.describe(),

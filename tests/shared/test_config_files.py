@@ -23,7 +23,7 @@ def test_header_comment_says_how_to_run(name):
     text = (CONFIGS / name).read_text()
     header = text[: text.index("\n\n")] if "\n\n" in text else text
     assert text.startswith("# ")
-    assert "Run:" in header and "Hardware:" in header
+    assert "Run:" in header and "Hardware:" in header and "Time:" in header
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n.startswith("tasks/")])
