@@ -357,7 +357,6 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "unconditional": {
         "resolution": 64,
         "image_interpolation_mode": "bilinear",
-        "learning_rate": 1e-4,
         "lr_scheduler": "cosine",
         "adam_beta1": 0.95,
         "adam_weight_decay": 1e-6,
