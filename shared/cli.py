@@ -17,7 +17,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +327,16 @@ def _md(value: Any) -> str:
 
 if __name__ == "__main__":  # python -m shared.cli: print the README flag table
     print(format_flag_table())
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Runs a task entry point; bad input ends with one clear line and exit status 2.
+
+    A `ConfigError` (or a file that a flag names but that is missing) is the user's to fix, so it
+    is printed without a traceback; anything else is a bug and keeps its traceback.
+    """
+    try:
+        return main()
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

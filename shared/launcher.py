@@ -59,7 +59,11 @@ def run_task(task: str, backend: str, args: Sequence[str]) -> None:
     if module is None:
         raise ConfigError(f"this twindiff has no {backend}diff.{task} module to run")
     sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as done:  # the task's own exit: success goes on, failure propagates
+        if done.code not in (0, None):
+            raise
 
 
 def demo_args(assets, flags: Sequence[str]) -> list[str]:
@@ -73,11 +77,38 @@ def demo_args(assets, flags: Sequence[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def default_demo_backend() -> str:
+    """The first backend (flax, then torch) whose DreamBooth trainer and framework are installed."""
+    frameworks = {"flax": "jax", "torch": "torch"}
+    for backend in C.BACKENDS:
+        if importlib.util.find_spec(frameworks[backend]) and _backend_module(backend, "dreambooth"):
+            return backend
+    return C.BACKENDS[0]
+
+
+def _print_training_report(report: dict) -> None:
+    out = Path(report["output_dir"])
+    summary_path = out / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    images = sorted((out / "validation").glob("*.png"))
+    lines = [
+        f"twindiff demo: trained with {report['trained_with']}",
+        f"  model     {out} (diffusers format: DiffusionPipeline.from_pretrained({str(out)!r}))",
+        *(f"  images    {path}" for path in images[-2:]),
+    ]
+    if summary.get("mean_step_seconds") is not None:
+        lines.append(
+            f"  speed     {summary['mean_step_seconds']:.3f} s per step on {summary['device']}, "
+            f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
+    print("\n".join(lines))
+
+
 def run_demo(args: list[str]) -> dict:
     """The offline demo: build the assets, then train with the backend, or run the data pipeline."""
     from shared.demo import build_demo_assets
 
-    backend = _pop_option(args, "backend", "flax")
+    backend = _pop_option(args, "backend", None) or default_demo_backend()
     _, cli_values = cli.parse_cli(args)
     output_dir = cli_values.get("output_dir") or cli.load_yaml(DEMO_CONFIG)["output_dir"]
     assets = build_demo_assets(_pop_option(args, "assets", str(Path(output_dir) / "assets")))
@@ -85,7 +116,9 @@ def run_demo(args: list[str]) -> dict:
     module = _backend_module(backend, "dreambooth")
     if module is not None:
         run_task("dreambooth", backend, argv)
-        return {"trained_with": module}
+        report = {"trained_with": module, "output_dir": output_dir}
+        _print_training_report(report)
+        return report
     cfg = cli.parse_args(argv, task="dreambooth", backend=backend)
     return run_data_pipeline(cfg)
 

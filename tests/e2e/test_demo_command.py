@@ -21,9 +21,12 @@ def twindiff(*args, cwd):
     return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
-    result = twindiff("demo", "--backend", "torch", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_demo_trains_offline_and_writes_a_loadable_pipeline(tmp_path):
+    """The README's command: DreamBooth on the tiny model, then diffusers loads the result."""
+    from diffusers import DiffusionPipeline
+
+    result = twindiff("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "twindiff-demo"
     cfg = cli.load_saved_config(out / "config.yaml")
     assert (cfg.task, cfg.backend, cfg.diffusion.with_prior_preservation) == (
@@ -32,13 +35,33 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
         True,
     )
     assert Path(cfg.data.instance_data_dir) == out / "assets" / "instance"
+    assert "trained with torchdiff.dreambooth" in result.stdout
+    # demo.yaml: 8 steps, a checkpoint every 4 (at most 2 kept), validation every 4 steps.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    grid = np.asarray(Image.open(out / "validation" / "validation-000008.png"))
+    assert grid.shape == (64, 128, 3)  # one prompt, 2 images of 64px
+    pipeline = DiffusionPipeline.from_pretrained(out)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        "a photo of sks cat", num_inference_steps=2, height=64, width=64, output_type="np"
+    ).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_demo_without_a_trainer_checks_the_data_pipeline(tmp_path):
+    """flaxdiff has no DreamBooth trainer yet: the demo runs everything before the model."""
+    result = twindiff("demo", "--backend", "flax", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "twindiff-demo"
+    cfg = cli.load_saved_config(out / "config.yaml")
+    assert (cfg.task, cfg.backend) == ("dreambooth", "flax")
     # 8 class images, batch 2: an epoch is 4 batches, so 8 steps end exactly at epoch 2.
     assert json.loads((out / "loader-state.json").read_text()) == {"epoch": 2, "position": 0}
     grid = np.asarray(Image.open(out / "samples" / "first-batch.png"))
     assert grid.shape == (128, 128, 3)  # instance row over class row, 2 images of 64px each
     assert "a photo of sks cat" in result.stdout
 
-    again = twindiff("demo", "--backend", "torch", "--max_train_steps", "3", cwd=tmp_path)
+    again = twindiff("demo", "--backend", "flax", "--max_train_steps", "3", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     # The assets are reused; 3 steps of batch 2 stop inside the first epoch of 8 examples.
     assert json.loads((out / "loader-state.json").read_text()) == {"epoch": 0, "position": 6}

@@ -1,0 +1,25 @@
+"""Stable Diffusion text-to-image fine-tuning (diffusers' `train_text_to_image.py` flags).
+
+accelerate launch -m torchdiff.text2image --pretrained_model_name_or_path MODEL
+    --dataset_name lambdalabs/naruto-blip-captions --resolution 512 ...
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from shared import cli
+from torchdiff.trainer import Task, train
+
+TASK = Task(name="text2image", text_conditioned=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = cli.parse_args(argv, task=TASK.name, backend="torch")
+    train(cfg, TASK)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))

@@ -1,0 +1,25 @@
+"""Unconditional DDPM training of a UNet2DModel (diffusers' `train_unconditional.py` flags).
+
+accelerate launch -m torchdiff.unconditional --dataset_name NAME --resolution 64 ...
+python -m torchdiff.unconditional --config models/tiny-ddpm.yaml --train_data_dir DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from shared import cli
+from torchdiff.trainer import Task, train
+
+TASK = Task(name="unconditional", text_conditioned=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = cli.parse_args(argv, task=TASK.name, backend="torch")
+    train(cfg, TASK)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))
