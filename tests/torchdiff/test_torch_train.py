@@ -277,6 +277,14 @@ def test_checkpoint_limit_across_a_resume(tiny_sd_dir, demo_assets, tmp_path):
     )
     assert dreambooth.main(first) == 0
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    # A checkpoint's unet/ is a diffusers model: it drops into the base pipeline.
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(out / "checkpoint-2" / "unet")
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, unet=unet)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a cat", num_inference_steps=1, height=64, width=64, output_type="np")
+    assert np.isfinite(image.images[0]).all()
     again = _dreambooth_args(
         tiny_sd_dir, demo_assets, out,
         "--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
@@ -284,3 +292,96 @@ def test_checkpoint_limit_across_a_resume(tiny_sd_dir, demo_assets, tmp_path):
     )  # fmt: skip
     assert dreambooth.main(again) == 0
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_two_processes_shard_the_data_and_resume_exactly(tiny_sd_dir, demo_assets, tmp_path):
+    """torchrun with 2 CPU processes (gloo): per-process data and rng in the checkpoints, and a
+    2-process resume from checkpoint-2 reproduces the straight run's checkpoint-4 exactly."""
+    out = tmp_path / "out"
+    args = _dreambooth_args(
+        tiny_sd_dir, demo_assets, out,
+        "--with_prior_preservation", "--class_data_dir", str(demo_assets.class_dir),
+        "--class_prompt", demo_assets.class_prompt, "--num_class_images", "4",
+        "--max_train_steps", "4", "--checkpointing_steps", "2",
+    )  # fmt: skip
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    # Accelerate needs ACCELERATE_USE_CPU to run a torchrun job on CPUs (gloo).
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [torchrun, "--nproc_per_node", "2", "-m", "torchdiff.dreambooth"]
+
+    def run(*extra):
+        result = subprocess.run(
+            [*command, *args, *extra], capture_output=True, text=True, timeout=600, env=env
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    run()
+    first = out / "checkpoint-4"
+    assert {p.name for p in first.glob("data_*.json")} == {"data_0.json", "data_1.json"}
+    # 5 instance images, 2 processes x batch 1: one global batch of 2 per step, 2 per epoch.
+    assert [json.loads((first / f"data_{r}.json").read_text()) for r in (0, 1)] == [
+        {"epoch": 2, "position": 0},
+        {"epoch": 2, "position": 0},
+    ]
+    straight = load_file(first / UNET_WEIGHTS)
+    run("--resume_from_checkpoint", "checkpoint-2")
+    again = load_file(out / "checkpoint-4" / UNET_WEIGHTS)
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(
+    tiny_sd_dir, demo_assets, tmp_path, monkeypatch
+):
+    """A preempted run (SIGTERM) checkpoints the step it is on and exits without exporting."""
+    import signal
+
+    from torchdiff import memory
+
+    out = tmp_path / "out"
+    args = _dreambooth_args(
+        tiny_sd_dir, demo_assets, out, "--max_train_steps", "3", "--checkpointing_steps", "10"
+    )
+    real_zero_grad, calls = memory.zero_grad, []
+
+    def zero_grad_then_sigterm(optimizer, cfg):
+        real_zero_grad(optimizer, cfg)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(memory, "zero_grad", zero_grad_then_sigterm)
+    assert dreambooth.main(args) == 0
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "model_index.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+    monkeypatch.setattr(memory, "zero_grad", real_zero_grad)
+    assert dreambooth.main([*args, "--resume_from_checkpoint", "latest"]) == 0
+    assert (out / "model_index.json").is_file()
+
+
+def test_push_to_hub_uploads_once_and_never_writes_the_token(
+    tiny_sd_dir, demo_assets, tmp_path, monkeypatch, capsys
+):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id, kwargs["token"]))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload", kwargs["repo_id"], kwargs["token"]))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "out"
+    args = _dreambooth_args(
+        tiny_sd_dir, demo_assets, out, "--max_train_steps", "1", "--push_to_hub",
+        "--hub_token", "hf_do_not_leak", "--hub_model_id", "me/cat",
+    )  # fmt: skip
+    assert dreambooth.main(args) == 0
+    assert calls == [("create", "me/cat", "hf_do_not_leak"), ("upload", "me/cat", "hf_do_not_leak")]
+    written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".md")]
+    assert all("hf_do_not_leak" not in p.read_text(errors="ignore") for p in written)
+    assert "hf_do_not_leak" not in capsys.readouterr().err
