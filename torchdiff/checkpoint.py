@@ -183,10 +183,17 @@ def save(
     (tmp / f"data_{rank}.json").write_text(json.dumps(dict(loader_state)) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        stale = None
         if final.exists():
-            # Saving a step that exists (a resumed run reaching it again): keep the new one.
-            shutil.rmtree(final)
+            # A resumed run saving a step again: the new one replaces it, and the old one is
+            # deleted only once the new one is in place.
+            stale = final.with_name(final.name + ".old")
+            if stale.exists():
+                shutil.rmtree(stale)
+            os.replace(final, stale)
         os.replace(tmp, final)
+        if stale is not None:
+            shutil.rmtree(stale)
         _prune(output_dir, cfg.checkpoint.checkpoints_total_limit)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()

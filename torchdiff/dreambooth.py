@@ -13,16 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from shared import cli
+from torchdiff import trainer
 from torchdiff.class_images import ensure_class_images
-from torchdiff.trainer import Task, train
 
-TASK = Task(name="dreambooth", text_conditioned=True, prepare=ensure_class_images)
+TASK = trainer.Task(name="dreambooth", text_conditioned=True, prepare=ensure_class_images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = cli.parse_args(argv, task=TASK.name, backend="torch")
-    train(cfg, TASK)
-    return 0
+    return trainer.main(TASK, argv)
 
 
 if __name__ == "__main__":

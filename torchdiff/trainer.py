@@ -19,7 +19,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +393,12 @@ def train(cfg: TrainConfig, task: Task) -> Path:
             hub.push(cfg, commit_message="End of training", images=images)
     accelerator.end_training()
     return output_dir
+
+
+def main(task: Task, argv: Sequence[str] | None = None) -> int:
+    """`python -m torchdiff.<task> ARGV`: parse the flags (and `--config` files), train."""
+    train(cli.parse_args(argv, task=task.name, backend="torch"), task)
+    return 0
 
 
 def _epoch_interval(cfg: TrainConfig) -> int | None:

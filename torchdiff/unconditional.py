@@ -10,15 +10,13 @@ import sys
 from collections.abc import Sequence
 
 from shared import cli
-from torchdiff.trainer import Task, train
+from torchdiff import trainer
 
-TASK = Task(name="unconditional", text_conditioned=False)
+TASK = trainer.Task(name="unconditional", text_conditioned=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = cli.parse_args(argv, task=TASK.name, backend="torch")
-    train(cfg, TASK)
-    return 0
+    return trainer.main(TASK, argv)
 
 
 if __name__ == "__main__":

@@ -108,9 +108,10 @@ def _sample_text_to_image(cfg, components, unet, text_encoder, conditioner, *, d
     )
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Mixed precision: the trained models are fp32, the frozen ones in the half dtype.
     autocast = (
         torch.autocast(device.type, dtype=dtype)
-        if device.type == "cuda" and dtype != torch.float32
+        if dtype != torch.float32
         else contextlib.nullcontext()
     )
     images = []

@@ -21,10 +21,7 @@ from shared.prompts import ClipTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Several test processes on a few cores: one intra-op thread each. OpenMP threads that spin
-    # while waiting make oversubscribed runs 10x slower; subprocesses inherit the env variable.
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)  # in case torch was imported before tests/conftest.py set OMP
 
 TINY_YAML = {
     "unconditional": ROOT / "configs" / "models" / "tiny-ddpm.yaml",

@@ -98,15 +98,19 @@ def test_dreambooth_through_accelerate_launch(tiny_sd_dir, demo_assets, tmp_path
     assert summary["steps"] == 2 and summary["peak_memory_bytes"] > 0
 
 
-def test_dreambooth_text_encoder_checkpointing_8bit_adam(tiny_sd_dir, demo_assets, tmp_path):
+def test_dreambooth_text_encoder_checkpointing_8bit_adam_bf16(tiny_sd_dir, demo_assets, tmp_path):
     out = tmp_path / "out"
     args = _dreambooth_args(
         tiny_sd_dir, demo_assets, out,
         "--train_text_encoder", "--gradient_checkpointing", "--use_8bit_adam",
         "--enable_xformers_memory_efficient_attention", "--set_grads_to_none",
-        "--max_train_steps", "2", "--checkpointing_steps", "2",
+        "--max_train_steps", "2", "--checkpointing_steps", "2", "--mixed_precision", "bf16",
+        "--validation_prompt", "a cat", "--num_validation_images", "1", "--validation_steps", "2",
     )  # fmt: skip
     assert dreambooth.main(args) == 0
+    # bf16 mixed precision: the frozen VAE ran in bf16, the trained models stay fp32 masters.
+    assert {v.dtype for v in load_file(out / UNET_WEIGHTS).values()} == {torch.float32}
+    assert (out / "validation" / "validation-000002.png").is_file()
     base = load_file(tiny_sd_dir / "text_encoder" / "model.safetensors")
     trained = load_file(out / "text_encoder" / "model.safetensors")
     assert any(not torch.equal(base[k], trained[k]) for k in base)  # the encoder was trained
@@ -385,3 +389,12 @@ def test_push_to_hub_uploads_once_and_never_writes_the_token(
     written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".md")]
     assert all("hf_do_not_leak" not in p.read_text(errors="ignore") for p in written)
     assert "hf_do_not_leak" not in capsys.readouterr().err
+
+
+def test_wandb_without_the_package_is_a_clear_error(
+    tiny_sd_dir, demo_assets, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    args = _dreambooth_args(tiny_sd_dir, demo_assets, tmp_path / "out", "--report_to", "wandb")
+    with pytest.raises(ConfigError, match="--report_to wandb needs wandb: pip install wandb"):
+        dreambooth.main(args)
