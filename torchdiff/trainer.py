@@ -350,8 +350,8 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                 "train/grad_norm": float(grad_norm),
             }
             for key, values in parts.items():
-                logs[f"train/{key}"] = accelerator.gather(torch.stack(values).mean()[None]).mean()
-                logs[f"train/{key}"] = logs[f"train/{key}"].item()
+                mean = accelerator.gather(torch.stack(values).mean()[None]).mean()
+                logs[f"train/{key}"] = mean.item()
             if ema is not None:
                 logs["train/ema_decay"] = ema.cur_decay_value
             accelerator.log(logs, step=step)
