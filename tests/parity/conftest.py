@@ -45,3 +45,36 @@ def nchw_to_nhwc(array):
 
 def nhwc_to_nchw(array):
     return np.asarray(array).transpose(0, 3, 1, 2)
+
+
+def float64_time_proj(torch_unet) -> None:
+    """Makes a diffusers UNet compute its sinusoidal timestep embedding in float64.
+
+    diffusers' ``get_timestep_embedding`` runs in float32 even inside a float64 model, and its
+    float32 exp/sin differ from XLA's by an ulp: up to 6e-5 at t~1000 (an ulp of the argument).
+    That noise would hide any real difference in a float64 test, so both sides compute it in
+    float64 there (flaxdiff does so for float64 models); the float32 tests keep diffusers as is.
+    """
+    import torch
+    from diffusers.models.embeddings import Timesteps
+
+    proj = torch_unet.time_proj
+    if not isinstance(proj, Timesteps):
+        return  # fourier / learned embeddings run in the model dtype already
+
+    def forward(timesteps):
+        half = proj.num_channels // 2
+        exponent = (
+            -np.log(10000.0)
+            * torch.arange(half, dtype=torch.float64)
+            / (half - proj.downscale_freq_shift)
+        )
+        args = timesteps.to(torch.float64)[:, None] * torch.exp(exponent)[None, :] * proj.scale
+        emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+        if proj.flip_sin_to_cos:
+            emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+        if proj.num_channels % 2:
+            emb = torch.nn.functional.pad(emb, (0, 1))
+        return emb
+
+    proj.forward = forward

@@ -1,0 +1,261 @@
+"""The UNet/VAE blocks without cross-attention, as diffusers' ``unet_2d_blocks`` builds them.
+
+Feature maps are NHWC. A down block returns ``(hidden, skips)``: every resnet output and the
+downsampled map, which the matching up block consumes from the end (concatenated on channels).
+Blocks are built from their diffusers constructor arguments (`BlockArgs`), so a diffusers config
+maps onto them one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxdiff.models.layers import (
+    Attention,
+    Downsample2D,
+    ModelOptions,
+    ResnetBlock2D,
+    Upsample2D,
+    call_block,
+    spatial_attention,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockArgs:
+    """What every resnet of a block shares (diffusers' ``resnet_*`` arguments)."""
+
+    temb_channels: int | None
+    eps: float = 1e-5
+    act_fn: str = "silu"
+    groups: int = 32
+    time_scale_shift: str = "default"
+    output_scale_factor: float = 1.0
+
+    def resnet(self, in_channels: int, out_channels: int, *, options: ModelOptions,
+               rngs: nnx.Rngs) -> ResnetBlock2D:  # fmt: skip
+        return ResnetBlock2D(
+            in_channels,
+            out_channels,
+            temb_channels=self.temb_channels,
+            groups=self.groups,
+            eps=self.eps,
+            non_linearity=self.act_fn,
+            time_embedding_norm=self.time_scale_shift,
+            output_scale_factor=self.output_scale_factor,
+            options=options,
+            rngs=rngs,
+        )
+
+    def spatial_attention(self, channels: int, head_dim: int | None, *,
+                          groups: int | None = None, options: ModelOptions,
+                          rngs: nnx.Rngs) -> Attention:  # fmt: skip
+        """diffusers' "deprecated attention block": group norm, 1 or more heads, residual."""
+        head_dim = head_dim or channels
+        return Attention(
+            channels,
+            heads=channels // head_dim,
+            dim_head=head_dim,
+            bias=True,
+            norm_num_groups=self.groups if groups is None else groups,
+            eps=self.eps,
+            residual_connection=True,
+            rescale_output_factor=self.output_scale_factor,
+            options=options,
+            rngs=rngs,
+        )
+
+
+def _attend(attn: Attention, x: jax.Array, options: ModelOptions) -> jax.Array:
+    if options.remat:
+        return nnx.remat(lambda a, h: spatial_attention(a, h))(attn, x)
+    return spatial_attention(attn, x)
+
+
+class DownBlock2D(nnx.Module):
+    """Resnets, then an optional stride-2 conv (``DownBlock2D``/``AttnDownBlock2D``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, args: BlockArgs,
+                 add_downsample: bool, downsample_padding: int = 1,
+                 attention_head_dim: int | None = None, with_attention: bool = False,
+                 options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
+        self.options = options
+        self.resnets = nnx.List(
+            [
+                args.resnet(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    options=options,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.attentions = (
+            nnx.List(
+                [
+                    args.spatial_attention(
+                        out_channels, attention_head_dim, options=options, rngs=rngs
+                    )
+                    for _ in range(num_layers)
+                ]
+            )
+            if with_attention
+            else None
+        )
+        self.downsamplers = (
+            nnx.List(
+                [Downsample2D(out_channels, padding=downsample_padding, options=options, rngs=rngs)]
+            )
+            if add_downsample
+            else None
+        )
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = call_block(resnet, x, temb, remat=self.options.remat)
+            if self.attentions is not None:
+                x = _attend(self.attentions[i], x, self.options)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, tuple(skips)
+
+
+class UpBlock2D(nnx.Module):
+    """Resnets fed with the down path's skips, then an optional upsample (``UpBlock2D``/``AttnUpBlock2D``)."""
+
+    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, *,
+                 num_layers: int, args: BlockArgs, add_upsample: bool,
+                 attention_head_dim: int | None = None, with_attention: bool = False,
+                 options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
+        self.options = options
+        resnets = []
+        for i in range(num_layers):
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            resnet_in = prev_output_channel if i == 0 else out_channels
+            resnets.append(args.resnet(resnet_in + skip_channels, out_channels, options=options,
+                                       rngs=rngs))  # fmt: skip
+        self.resnets = nnx.List(resnets)
+        self.attentions = (
+            nnx.List(
+                [
+                    args.spatial_attention(
+                        out_channels, attention_head_dim, options=options, rngs=rngs
+                    )
+                    for _ in range(num_layers)
+                ]
+            )
+            if with_attention
+            else None
+        )
+        self.upsamplers = (
+            nnx.List([Upsample2D(out_channels, options=options, rngs=rngs)])
+            if add_upsample
+            else None
+        )
+
+    def __call__(self, x: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array | None = None,
+                 upsample_size: tuple[int, int] | None = None) -> jax.Array:  # fmt: skip
+        for i, resnet in enumerate(self.resnets):
+            x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
+            x = call_block(resnet, x, temb, remat=self.options.remat)
+            if self.attentions is not None:
+                x = _attend(self.attentions[i], x, self.options)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class UNetMidBlock2D(nnx.Module):
+    """diffusers' ``UNetMidBlock2D``: resnet, then (attention, resnet) per layer."""
+
+    def __init__(self, in_channels: int, *, args: BlockArgs, num_layers: int = 1,
+                 add_attention: bool = True, attention_head_dim: int | None = None,
+                 attn_groups: int | None = None, options: ModelOptions,
+                 rngs: nnx.Rngs):  # fmt: skip
+        self.options = options
+        self.resnets = nnx.List(
+            [args.resnet(in_channels, in_channels, options=options, rngs=rngs)
+             for _ in range(num_layers + 1)]
+        )  # fmt: skip
+        self.attentions = (
+            nnx.List(
+                [
+                    args.spatial_attention(
+                        in_channels,
+                        attention_head_dim,
+                        groups=attn_groups,
+                        options=options,
+                        rngs=rngs,
+                    )
+                    for _ in range(num_layers)
+                ]
+            )
+            if add_attention
+            else None
+        )
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        remat = self.options.remat
+        x = call_block(self.resnets[0], x, temb, remat=remat)
+        for i, resnet in enumerate(self.resnets[1:]):
+            if self.attentions is not None:
+                x = _attend(self.attentions[i], x, self.options)
+            x = call_block(resnet, x, temb, remat=remat)
+        return x
+
+
+def down_block(block_type: str, **kwargs) -> DownBlock2D:
+    """A down block by its diffusers type name (the non-cross-attention ones)."""
+    if block_type in ("DownBlock2D", "DownEncoderBlock2D"):
+        return DownBlock2D(**kwargs)
+    if block_type in ("AttnDownBlock2D", "AttnDownEncoderBlock2D"):
+        return DownBlock2D(**kwargs, with_attention=True)
+    raise ValueError(f"unsupported down block type {block_type!r}")
+
+
+def up_block(block_type: str, **kwargs) -> UpBlock2D:
+    """An up block by its diffusers type name (the non-cross-attention ones)."""
+    if block_type == "UpBlock2D":
+        return UpBlock2D(**kwargs)
+    if block_type == "AttnUpBlock2D":
+        return UpBlock2D(**kwargs, with_attention=True)
+    raise ValueError(f"unsupported up block type {block_type!r}")
+
+
+class UpDecoderBlock2D(nnx.Module):
+    """diffusers' ``UpDecoderBlock2D`` (VAE decoder): resnets without skips or time, then upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, args: BlockArgs,
+                 add_upsample: bool, options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
+        self.options = options
+        self.resnets = nnx.List(
+            [
+                args.resnet(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    options=options,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.upsamplers = (
+            nnx.List([Upsample2D(out_channels, options=options, rngs=rngs)])
+            if add_upsample
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for resnet in self.resnets:
+            x = call_block(resnet, x, None, remat=self.options.remat)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
