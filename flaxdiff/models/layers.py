@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -104,28 +105,80 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameterized layers (PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)))
-
-_torch_uniform = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Parameters and their init (PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)))
 
 
-def _uniform_bias(key, shape, dtype, fan_in):
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """How a parameter is drawn: ``uniform`` U(-scale, scale), ``normal`` N(0, scale^2), or
+    ``constant`` (every entry = scale).
+
+    Each parameter carries its `Init` as metadata, so `fill_random` can draw a whole model
+    on the host with numpy (seconds for SD 1.5) instead of compiling one XLA program per
+    initializer (minutes on CPU).
+    """
+
+    kind: str
+    scale: float
+
+    @classmethod
+    def fan_in(cls, fan_in: int) -> Init:
+        return cls("uniform", 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
+
+    def jax(self, key: jax.Array | None, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        if self.kind == "uniform":
+            return jax.random.uniform(key, shape, dtype, -self.scale, self.scale)
+        if self.kind == "normal":
+            return self.scale * jax.random.normal(key, shape, dtype)
+        return jnp.full(shape, self.scale, dtype)
+
+    def numpy(self, rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        if self.kind == "uniform":
+            value = rng.uniform(-self.scale, self.scale, shape)
+        elif self.kind == "normal":
+            value = self.scale * rng.standard_normal(shape)
+        else:
+            value = np.full(shape, self.scale)
+        return value.astype(dtype)
+
+
+ONES = Init("constant", 1.0)
+ZEROS = Init("constant", 0.0)
+
+
+def new_param(rngs: nnx.Rngs, shape: tuple[int, ...], init: Init, *, dtype: Any,
+              kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:  # fmt: skip
+    """A parameter (or `Buffer`) drawn by `init`, which it keeps as metadata."""
+    key = None if init.kind == "constant" else rngs.params()
+    return kind(init.jax(key, shape, dtype), init=init)
+
+
+def fill_random(model: nnx.Module, seed: int) -> nnx.Module:
+    """Draws every variable that carries an `Init` with numpy, in place (e.g. of an abstract
+    model from ``nnx.eval_shape``). Each variable gets its own stream, keyed by its path, so a
+    value does not depend on which other layers exist."""
+    for path, variable in nnx.iter_graph(model):
+        init = getattr(variable, "init", None) if isinstance(variable, nnx.Variable) else None
+        if isinstance(init, Init):
+            key = zlib.crc32(".".join(map(str, path)).encode())
+            rng = np.random.default_rng([seed, key])
+            variable.set_value(jnp.asarray(init.numpy(rng, tuple(variable.shape), variable.dtype)))
+    return model
 
 
 class Linear(nnx.Module):
     """``torch.nn.Linear``: kernel (in, out), bias (out,)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 kernel_init: Init | None = None, bias_init: Init | None = None,
                  options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
         self.options = options
         dtype = options.param_dtype
-        self.kernel = nnx.Param(_torch_uniform(rngs.params(), (in_features, out_features), dtype))
+        default = Init.fan_in(in_features)
+        self.kernel = new_param(rngs, (in_features, out_features), kernel_init or default,
+                                dtype=dtype)  # fmt: skip
         self.bias = (
-            nnx.Param(_uniform_bias(rngs.params(), (out_features,), dtype, in_features))
-            if bias
-            else None
+            new_param(rngs, (out_features,), bias_init or default, dtype=dtype) if bias else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,13 +205,9 @@ class Conv2d(nnx.Module):
         )
         shape = (kernel_size, kernel_size, in_channels, out_channels)
         dtype = options.param_dtype
-        self.kernel = nnx.Param(_torch_uniform(rngs.params(), shape, dtype))
-        fan_in = in_channels * kernel_size * kernel_size
-        self.bias = (
-            nnx.Param(_uniform_bias(rngs.params(), (out_channels,), dtype, fan_in))
-            if bias
-            else None
-        )
+        init = Init.fan_in(in_channels * kernel_size * kernel_size)
+        self.kernel = new_param(rngs, shape, init, dtype=dtype)
+        self.bias = new_param(rngs, (out_channels,), init, dtype=dtype) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C_in) -> (B, H', W', C_out)
         dtype = self.options.dtype
@@ -188,8 +237,8 @@ class GroupNorm(nnx.Module):
         self.num_groups = num_groups
         self.eps = eps
         dtype = options.param_dtype
-        self.scale = nnx.Param(jnp.ones((num_channels,), dtype)) if affine else None
-        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype)) if affine else None
+        self.scale = nnx.Param(jnp.ones((num_channels,), dtype), init=ONES) if affine else None
+        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype), init=ZEROS) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, ..., C)
         norm_dtype = self.options.norm_dtype
@@ -213,8 +262,8 @@ class LayerNorm(nnx.Module):
         self.options = options
         self.eps = eps
         dtype = options.param_dtype
-        self.scale = nnx.Param(jnp.ones((dim,), dtype)) if affine else None
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if affine and bias else None
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), init=ONES) if affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), init=ZEROS) if affine and bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         norm_dtype = self.options.norm_dtype
@@ -236,9 +285,8 @@ class Embedding(nnx.Module):
     def __init__(self, num_embeddings: int, dim: int, *, std: float = 1.0,
                  options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
         self.options = options
-        key = rngs.params()
-        self.embedding = nnx.Param(
-            std * jax.random.normal(key, (num_embeddings, dim), options.param_dtype)
+        self.embedding = new_param(
+            rngs, (num_embeddings, dim), Init("normal", std), dtype=options.param_dtype
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -270,6 +318,11 @@ def attention(
       (B, Lq, H, D) in the dtype of `query`. Logits and softmax run in at least fp32.
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if implementation == "dot_product" and query.dtype == jnp.float64:
+        # jax.nn.dot_product_attention always rounds the logits to float32 for its softmax
+        # (jax._src.nn.functions._dot_product_attention_core): ~1e-8 off in a float64 model.
+        # float64 runs only in parity tests, on CPU, where its XLA path is this einsum anyway.
+        implementation = "einsum"
     if implementation == "einsum":
         logits_dtype = jnp.promote_types(query.dtype, jnp.float32)
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=logits_dtype)
@@ -583,8 +636,8 @@ class GaussianFourierProjection(nnx.Module):
         self.options = options
         self.log = log
         self.flip_sin_to_cos = flip_sin_to_cos
-        self.weight = Buffer(
-            scale * jax.random.normal(rngs.params(), (embedding_size,), options.param_dtype)
+        self.weight = new_param(
+            rngs, (embedding_size,), Init("normal", scale), dtype=options.param_dtype, kind=Buffer
         )
 
     def __call__(self, timesteps: jax.Array) -> jax.Array:

@@ -50,19 +50,26 @@ def _to_flax_layout(leaf: str, value: np.ndarray, expected: tuple[int, ...]) -> 
     return value
 
 
-def _variables(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
+def _variables(
+    model: nnx.Module, only: type | tuple[type, ...] = (nnx.Param, Buffer)
+) -> dict[str, tuple[tuple, nnx.Variable]]:
     """PyTorch key -> (path, variable) for every parameter and buffer of `model`."""
     out = {}
     for path, variable in nnx.iter_graph(model):
-        if isinstance(variable, nnx.Param | Buffer):
+        if isinstance(variable, only):
             out[_torch_key(path)] = (path, variable)
     return out
 
 
-def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The PyTorch state dict of `model` (numpy arrays in the parameters' dtype)."""
+def torch_state_dict(
+    model: nnx.Module, *, only: type | tuple[type, ...] = (nnx.Param, Buffer)
+) -> dict[str, np.ndarray]:
+    """The PyTorch state dict of `model` (numpy arrays in the parameters' dtype).
+
+    `only` picks variable types, e.g. ``Buffer`` for the saved-but-frozen arrays.
+    """
     state = {}
-    for key, (path, variable) in _variables(model).items():
+    for key, (path, variable) in _variables(model, only).items():
         state[key] = np.ascontiguousarray(
             _to_torch_layout(str(path[-1]), np.asarray(variable[...]))
         )
@@ -73,6 +80,9 @@ def load_torch_state_dict(
     model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict"
 ) -> nnx.Module:
     """Copies a PyTorch state dict into `model` in place (cast to each parameter's dtype).
+
+    `model` may be abstract (built under ``nnx.eval_shape``): loading then fills it without
+    ever running the random init.
 
     Raises:
       ValueError: keys missing or left over, or a shape that does not match; the message names
@@ -91,12 +101,12 @@ def load_torch_state_dict(
                 unexpected.append(key)
             continue
         path, variable = targets[key]
-        expected = tuple(variable[...].shape)
+        expected = tuple(variable.shape)  # also on abstract (nnx.eval_shape) models
         array = _to_flax_layout(str(path[-1]), np.asarray(value), expected)
         if tuple(array.shape) != expected:
             mismatched.append(f"{key}: {tuple(np.shape(value))} does not fit {expected}")
             continue
-        variable[...] = jnp.asarray(array, dtype=variable[...].dtype)
+        variable.set_value(jnp.asarray(array, dtype=variable.dtype))
         seen.add(key)
     missing = sorted(set(targets) - seen)
     if missing or unexpected or mismatched:

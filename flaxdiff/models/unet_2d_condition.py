@@ -235,10 +235,15 @@ class UNet2DConditionModel(nnx.Module):
                 options=options, rngs=rngs,
             )  # fmt: skip
         elif c.mid_block_type == "UNetMidBlock2D":
+            # diffusers builds this one as a single resnet (no attention layers).
             self.mid_block = UNetMidBlock2D(
-                channels[-1], args=dataclasses.replace(args, output_scale_factor=c.mid_block_scale_factor),
-                attention_head_dim=heads[-1], options=options, rngs=rngs,
-            )  # fmt: skip
+                channels[-1],
+                args=dataclasses.replace(args, output_scale_factor=c.mid_block_scale_factor),
+                num_layers=0,
+                add_attention=False,
+                options=options,
+                rngs=rngs,
+            )
         else:
             self.mid_block = None
 

@@ -52,16 +52,16 @@ class BlockArgs:
         )
 
     def spatial_attention(self, channels: int, head_dim: int | None, *,
-                          groups: int | None = None, options: ModelOptions,
-                          rngs: nnx.Rngs) -> Attention:  # fmt: skip
-        """diffusers' "deprecated attention block": group norm, 1 or more heads, residual."""
+                          groups: int | None = None, group_norm: bool = True,
+                          options: ModelOptions, rngs: nnx.Rngs) -> Attention:  # fmt: skip
+        """diffusers' "deprecated attention block": [group norm], 1 or more heads, residual."""
         head_dim = head_dim or channels
         return Attention(
             channels,
             heads=channels // head_dim,
             dim_head=head_dim,
             bias=True,
-            norm_num_groups=self.groups if groups is None else groups,
+            norm_num_groups=(self.groups if groups is None else groups) if group_norm else None,
             eps=self.eps,
             residual_connection=True,
             rescale_output_factor=self.output_scale_factor,
@@ -185,6 +185,9 @@ class UNetMidBlock2D(nnx.Module):
             [args.resnet(in_channels, in_channels, options=options, rngs=rngs)
              for _ in range(num_layers + 1)]
         )  # fmt: skip
+        # diffusers gives the attention no group norm when attn_groups is unset and the
+        # resnets are not "default" (UNet2DModel with resnet_time_scale_shift="scale_shift").
+        attn_group_norm = attn_groups is not None or args.time_scale_shift == "default"
         self.attentions = (
             nnx.List(
                 [
@@ -192,6 +195,7 @@ class UNetMidBlock2D(nnx.Module):
                         in_channels,
                         attention_head_dim,
                         groups=attn_groups,
+                        group_norm=attn_group_norm,
                         options=options,
                         rngs=rngs,
                     )

@@ -78,3 +78,25 @@ def float64_time_proj(torch_unet) -> None:
         return emb
 
     proj.forward = forward
+
+
+def flax_grads_as_torch(model, loss_fn, *args):
+    """d loss_fn(model, *args) / d params of a Flax model, keyed and laid out as PyTorch's.
+
+    The gradients go through the same name/transpose mapping as the weights, so they compare
+    one to one with ``{k: p.grad for k, p in torch_model.named_parameters()}``.
+    """
+    from flax import nnx
+
+    from flaxdiff.models.layers import Buffer
+    from flaxdiff.models.state_dict import torch_state_dict
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of(p):
+        return loss_fn(nnx.merge(graphdef, p, rest), *args)
+
+    grads = jax.jit(jax.grad(loss_of))(params)
+    as_torch = torch_state_dict(nnx.merge(graphdef, grads, rest))
+    frozen = set(torch_state_dict(model, only=Buffer))  # saved but never trained
+    return {k: v for k, v in as_torch.items() if k not in frozen}
