@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from flaxdiff.models.attention import attention
 from flaxdiff.models.layers import (
     ACTIVATIONS,
     ZEROS,
@@ -30,7 +31,6 @@ from flaxdiff.models.layers import (
     Linear,
     ModelOptions,
     activation,
-    attention,
     call_block,
 )
 

@@ -12,18 +12,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxdiff.models.attention import Attention
 from flaxdiff.models.layers import (
-    Attention,
     Conv2d,
-    Downsample2D,
     GroupNorm,
     LayerNorm,
     Linear,
     ModelOptions,
-    Upsample2D,
     activation,
     call_block,
 )
+from flaxdiff.models.resnet import Downsample2D, Upsample2D
 from flaxdiff.models.unet_blocks import BlockArgs
 
 _GELU = activation("gelu")  # GEGLU's gate uses the exact (erf) gelu, as torch's F.gelu

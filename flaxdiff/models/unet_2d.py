@@ -14,16 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxdiff.models.layers import (
-    Conv2d,
-    Embedding,
-    GaussianFourierProjection,
-    GroupNorm,
-    ModelOptions,
-    TimestepEmbedding,
-    Timesteps,
-    activation,
-)
+from flaxdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from flaxdiff.models.layers import Conv2d, Embedding, GroupNorm, ModelOptions, activation
 from flaxdiff.models.model_config import DiffusersConfig
 from flaxdiff.models.unet_blocks import BlockArgs, UNetMidBlock2D, down_block, up_block
 

@@ -17,17 +17,8 @@ from flaxdiff.models.cross_attention_blocks import (
     CrossAttnUpBlock2D,
     UNetMidBlock2DCrossAttn,
 )
-from flaxdiff.models.layers import (
-    Conv2d,
-    Embedding,
-    GaussianFourierProjection,
-    GroupNorm,
-    Linear,
-    ModelOptions,
-    TimestepEmbedding,
-    Timesteps,
-    activation,
-)
+from flaxdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from flaxdiff.models.layers import Conv2d, Embedding, GroupNorm, Linear, ModelOptions, activation
 from flaxdiff.models.model_config import DiffusersConfig
 from flaxdiff.models.unet_blocks import BlockArgs, DownBlock2D, UNetMidBlock2D, UpBlock2D
 

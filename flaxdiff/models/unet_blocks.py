@@ -14,15 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxdiff.models.layers import (
-    Attention,
-    Downsample2D,
-    ModelOptions,
-    ResnetBlock2D,
-    Upsample2D,
-    call_block,
-    spatial_attention,
-)
+from flaxdiff.models.attention import Attention, spatial_attention
+from flaxdiff.models.layers import ModelOptions, call_block
+from flaxdiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxdiff.models import layers
+from flaxdiff.models import attention, layers, resnet
 from flaxdiff.models.layers import Init, ModelOptions
 
 
@@ -33,7 +33,7 @@ def _naive(q, k, v, mask=None):
 @pytest.mark.parametrize("implementation", ["einsum", "dot_product"])
 def test_attention_paths_match_the_definition(implementation):
     q, k, v = _qkv()
-    out = layers.attention(q, k, v, implementation=implementation)
+    out = attention.attention(q, k, v, implementation=implementation)
     np.testing.assert_allclose(np.asarray(out), _naive(q, k, v), rtol=0, atol=2e-6)
 
 
@@ -42,7 +42,7 @@ def test_attention_paths_agree_with_a_causal_mask():
     mask = jnp.tril(jnp.ones((12, 12), bool))[None, None]
     expected = _naive(q, k, v, np.asarray(mask))
     for implementation in ("einsum", "dot_product"):
-        out = layers.attention(q, k, v, implementation=implementation, mask=mask)
+        out = attention.attention(q, k, v, implementation=implementation, mask=mask)
         np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=2e-6)
 
 
@@ -54,7 +54,7 @@ def test_flash_attention_kernel_matches_in_tpu_interpret_mode(lq, lk):
 
     q, k, v = _qkv(lq=lq, lk=lk, heads=1, dim=8)
     with pltpu.force_tpu_interpret_mode():
-        out = layers.attention(q, k, v, implementation="flash")
+        out = attention.attention(q, k, v, implementation="flash")
     assert out.shape == q.shape
     np.testing.assert_allclose(np.asarray(out), _naive(q, k, v), rtol=0, atol=2e-6)
 
@@ -62,9 +62,9 @@ def test_flash_attention_kernel_matches_in_tpu_interpret_mode(lq, lk):
 def test_flash_attention_outside_tpu_names_the_alternative():
     q, k, v = _qkv(lq=4, lk=4)
     with pytest.raises(ValueError, match=r"needs a TPU.*--attention dot_product"):
-        layers.attention(q, k, v, implementation="flash")
+        attention.attention(q, k, v, implementation="flash")
     with pytest.raises(ValueError, match="takes no mask"):
-        layers.attention(q, k, v, implementation="flash", mask=jnp.ones((4, 4), bool))
+        attention.attention(q, k, v, implementation="flash", mask=jnp.ones((4, 4), bool))
 
 
 def test_unknown_attention_is_refused():
@@ -78,7 +78,7 @@ def test_bfloat16_attention_keeps_float32_logits():
     q = q * 4.0
     reference = _naive(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
     for implementation in ("einsum", "dot_product"):
-        out = layers.attention(
+        out = attention.attention(
             q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
             implementation=implementation,
         )  # fmt: skip
@@ -124,15 +124,15 @@ def test_upsample_nearest_to_an_explicit_size_matches_torch():
             .transpose(0, 2, 3, 1)
         )
         np.testing.assert_array_equal(
-            np.asarray(layers.upsample_nearest(jnp.asarray(x), size)), expected
+            np.asarray(resnet.upsample_nearest(jnp.asarray(x), size)), expected
         )
-    doubled = np.asarray(layers.upsample_nearest(jnp.asarray(x)))
+    doubled = np.asarray(resnet.upsample_nearest(jnp.asarray(x)))
     np.testing.assert_array_equal(doubled, x.repeat(2, 1).repeat(2, 2))
 
 
 def test_fill_random_follows_each_init_and_is_seeded():
     def make():
-        return layers.ResnetBlock2D(8, 16, temb_channels=4, groups=4,
+        return resnet.ResnetBlock2D(8, 16, temb_channels=4, groups=4,
                                     options=ModelOptions(), rngs=nnx.Rngs(0))  # fmt: skip
 
     a = layers.fill_random(nnx.eval_shape(make), seed=3)
@@ -161,7 +161,7 @@ def test_init_draws_match_between_jax_and_numpy_in_distribution():
 
 
 def test_set_options_reaches_every_module():
-    block = layers.ResnetBlock2D(8, 8, temb_channels=None, groups=4, options=ModelOptions(),
+    block = resnet.ResnetBlock2D(8, 8, temb_channels=None, groups=4, options=ModelOptions(),
                                  rngs=nnx.Rngs(0))  # fmt: skip
     layers.set_options(block, remat=True, attention="einsum")
     for _, module in nnx.iter_modules(block):

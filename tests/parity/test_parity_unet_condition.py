@@ -18,7 +18,8 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals as residuals_of  # no public counter
 
 from flaxdiff.models.convert import init_model
-from flaxdiff.models.layers import ModelOptions, set_options, timestep_embedding
+from flaxdiff.models.embeddings import timestep_embedding
+from flaxdiff.models.layers import ModelOptions, set_options
 from flaxdiff.models.state_dict import load_torch_state_dict, torch_state_dict
 from flaxdiff.models.unet_2d_condition import UNet2DConditionConfig
 
