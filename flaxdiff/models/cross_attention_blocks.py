@@ -22,8 +22,16 @@ from flaxdiff.models.layers import (
     activation,
     call_block,
 )
-from flaxdiff.models.resnet import Downsample2D, Upsample2D
-from flaxdiff.models.unet_blocks import BlockArgs
+from flaxdiff.models.unet_blocks import (
+    BlockArgs,
+    DownBlock2D,
+    UNetMidBlock2D,
+    UpBlock2D,
+    downsampler,
+    resnet_chain,
+    skip_resnets,
+    upsampler,
+)
 
 _GELU = activation("gelu")  # GEGLU's gate uses the exact (erf) gelu, as torch's F.gelu
 
@@ -145,24 +153,36 @@ class Transformer2DModel(nnx.Module):
         return h + residual
 
 
-def _transformer(channels: int, heads: int, *, layers: int, cross_attention_dim: int,
-                 args: BlockArgs, use_linear_projection: bool, only_cross_attention: bool,
-                 options: ModelOptions, rngs: nnx.Rngs) -> Transformer2DModel:  # fmt: skip
-    return Transformer2DModel(
-        heads,
-        channels // heads,
-        in_channels=channels,
-        num_layers=layers,
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=args.groups,
-        use_linear_projection=use_linear_projection,
-        only_cross_attention=only_cross_attention,
-        options=options,
-        rngs=rngs,
+def _transformers(count: int, channels: int, heads: int, *, layers: int,
+                  cross_attention_dim: int, args: BlockArgs, use_linear_projection: bool,
+                  only_cross_attention: bool, options: ModelOptions,
+                  rngs: nnx.Rngs) -> nnx.List:  # fmt: skip
+    return nnx.List(
+        [
+            Transformer2DModel(
+                heads,
+                channels // heads,
+                in_channels=channels,
+                num_layers=layers,
+                cross_attention_dim=cross_attention_dim,
+                norm_num_groups=args.groups,
+                use_linear_projection=use_linear_projection,
+                only_cross_attention=only_cross_attention,
+                options=options,
+                rngs=rngs,
+            )
+            for _ in range(count)
+        ]
     )
 
 
-class CrossAttnDownBlock2D(nnx.Module):
+def _cross_attention(block, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
+    if context is None:
+        raise ValueError(f"{type(block).__name__} needs encoder_hidden_states")
+    return block.attentions[i](x, context)
+
+
+class CrossAttnDownBlock2D(DownBlock2D):
     """Resnet then transformer, per layer; then an optional stride-2 conv."""
 
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, args: BlockArgs,
@@ -171,54 +191,21 @@ class CrossAttnDownBlock2D(nnx.Module):
                  use_linear_projection: bool = False, only_cross_attention: bool = False,
                  options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
         self.options = options
-        self.resnets = nnx.List(
-            [
-                args.resnet(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    options=options,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
-        self.attentions = nnx.List(
-            [
-                _transformer(
-                    out_channels,
-                    num_attention_heads,
-                    layers=transformer_layers,
-                    cross_attention_dim=cross_attention_dim,
-                    args=args,
-                    use_linear_projection=use_linear_projection,
-                    only_cross_attention=only_cross_attention,
-                    options=options,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
-        )
-        self.downsamplers = (
-            nnx.List(
-                [Downsample2D(out_channels, padding=downsample_padding, options=options, rngs=rngs)]
-            )
-            if add_downsample
-            else None
-        )
+        self.resnets = resnet_chain(args, in_channels, out_channels, num_layers,
+                                    options=options, rngs=rngs)  # fmt: skip
+        self.attentions = _transformers(
+            num_layers, out_channels, num_attention_heads, layers=transformer_layers,
+            cross_attention_dim=cross_attention_dim, args=args,
+            use_linear_projection=use_linear_projection,
+            only_cross_attention=only_cross_attention, options=options, rngs=rngs,
+        )  # fmt: skip
+        self.downsamplers = downsampler(add_downsample, out_channels, downsample_padding,
+                                        options=options, rngs=rngs)  # fmt: skip
 
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array):
-        skips = []
-        for resnet, attn in zip(self.resnets, self.attentions, strict=True):
-            x = call_block(resnet, x, temb, remat=self.options.remat)
-            x = attn(x, context)
-            skips.append(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x, tuple(skips)
+    _attention = _cross_attention
 
 
-class CrossAttnUpBlock2D(nnx.Module):
+class CrossAttnUpBlock2D(UpBlock2D):
     """Per layer: concatenate a skip, resnet, transformer; then an optional upsample."""
 
     def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, *,
@@ -227,48 +214,20 @@ class CrossAttnUpBlock2D(nnx.Module):
                  use_linear_projection: bool = False, only_cross_attention: bool = False,
                  options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
         self.options = options
-        resnets = []
-        for i in range(num_layers):
-            skip_channels = in_channels if i == num_layers - 1 else out_channels
-            resnet_in = prev_output_channel if i == 0 else out_channels
-            resnets.append(
-                args.resnet(resnet_in + skip_channels, out_channels, options=options, rngs=rngs)
-            )
-        self.resnets = nnx.List(resnets)
-        self.attentions = nnx.List(
-            [
-                _transformer(
-                    out_channels,
-                    num_attention_heads,
-                    layers=transformer_layers,
-                    cross_attention_dim=cross_attention_dim,
-                    args=args,
-                    use_linear_projection=use_linear_projection,
-                    only_cross_attention=only_cross_attention,
-                    options=options,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
-        )
-        self.upsamplers = (
-            nnx.List([Upsample2D(out_channels, options=options, rngs=rngs)])
-            if add_upsample
-            else None
-        )
+        self.resnets = skip_resnets(args, in_channels, prev_output_channel, out_channels,
+                                    num_layers, options=options, rngs=rngs)  # fmt: skip
+        self.attentions = _transformers(
+            num_layers, out_channels, num_attention_heads, layers=transformer_layers,
+            cross_attention_dim=cross_attention_dim, args=args,
+            use_linear_projection=use_linear_projection,
+            only_cross_attention=only_cross_attention, options=options, rngs=rngs,
+        )  # fmt: skip
+        self.upsamplers = upsampler(add_upsample, out_channels, options=options, rngs=rngs)
 
-    def __call__(self, x: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array,
-                 context: jax.Array, upsample_size: tuple[int, int] | None = None):  # fmt: skip
-        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions, strict=True)):
-            x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
-            x = call_block(resnet, x, temb, remat=self.options.remat)
-            x = attn(x, context)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x, upsample_size)
-        return x
+    _attention = _cross_attention
 
 
-class UNetMidBlock2DCrossAttn(nnx.Module):
+class UNetMidBlock2DCrossAttn(UNetMidBlock2D):
     """Resnet, then (transformer, resnet) per layer."""
 
     def __init__(self, in_channels: int, *, args: BlockArgs, num_layers: int = 1,
@@ -276,31 +235,13 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
                  use_linear_projection: bool = False, options: ModelOptions,
                  rngs: nnx.Rngs):  # fmt: skip
         self.options = options
-        self.resnets = nnx.List(
-            [args.resnet(in_channels, in_channels, options=options, rngs=rngs)
-             for _ in range(num_layers + 1)]
+        self.resnets = resnet_chain(args, in_channels, in_channels, num_layers + 1,
+                                    options=options, rngs=rngs)  # fmt: skip
+        self.attentions = _transformers(
+            num_layers, in_channels, num_attention_heads, layers=transformer_layers,
+            cross_attention_dim=cross_attention_dim, args=args,
+            use_linear_projection=use_linear_projection, only_cross_attention=False,
+            options=options, rngs=rngs,
         )  # fmt: skip
-        self.attentions = nnx.List(
-            [
-                _transformer(
-                    in_channels,
-                    num_attention_heads,
-                    layers=transformer_layers,
-                    cross_attention_dim=cross_attention_dim,
-                    args=args,
-                    use_linear_projection=use_linear_projection,
-                    only_cross_attention=False,
-                    options=options,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
-        )
 
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
-        remat = self.options.remat
-        x = call_block(self.resnets[0], x, temb, remat=remat)
-        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = attn(x, context)
-            x = call_block(resnet, x, temb, remat=remat)
-        return x
+    _attention = _cross_attention

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 ATTENTION_IMPLEMENTATIONS = ("dot_product", "einsum", "flash")
+_COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16}  # --mixed_precision -> compute dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,18 @@ class ModelOptions:
             )
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelOptions:
+        """The options a training config asks for: ``--mixed_precision`` (compute dtype),
+        ``--attention`` and ``--gradient_checkpointing`` (remat). Parameters stay fp32.
+
+        The config refuses fp16 for flax already (no loss scaling here)."""
+        return cls(
+            dtype=_COMPUTE_DTYPES[config.training.mixed_precision or "no"],
+            attention=config.flax.attention,
+            remat=config.training.gradient_checkpointing,
+        )
 
     @property
     def norm_dtype(self) -> jnp.dtype:

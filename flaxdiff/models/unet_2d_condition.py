@@ -333,23 +333,15 @@ class UNet2DConditionModel(nnx.Module):
         h = self.conv_in(sample)
         skips = [h]
         for block in self.down_blocks:
-            if isinstance(block, CrossAttnDownBlock2D):
-                h, block_skips = block(h, emb, encoder_hidden_states)
-            else:
-                h, block_skips = block(h, emb)
+            h, block_skips = block(h, emb, encoder_hidden_states)
             skips.extend(block_skips)
-        if isinstance(self.mid_block, UNetMidBlock2DCrossAttn):
+        if self.mid_block is not None:
             h = self.mid_block(h, emb, encoder_hidden_states)
-        elif self.mid_block is not None:
-            h = self.mid_block(h, emb)
         for i, block in enumerate(self.up_blocks):
             count = len(block.resnets)
             block_skips, skips = tuple(skips[-count:]), skips[:-count]
             size = skips[-1].shape[1:3] if odd_size and i < len(self.up_blocks) - 1 else None
-            if isinstance(block, CrossAttnUpBlock2D):
-                h = block(h, block_skips, emb, encoder_hidden_states, size)
-            else:
-                h = block(h, block_skips, emb, size)
+            h = block(h, block_skips, emb, encoder_hidden_states, size)
         if self.conv_norm_out is not None:
             h = self.act(self.conv_norm_out(h))
         return self.conv_out(h)

@@ -70,51 +70,87 @@ def _attend(attn: Attention, x: jax.Array, options: ModelOptions) -> jax.Array:
     return spatial_attention(attn, x)
 
 
+def resnet_chain(args: BlockArgs, in_channels: int, out_channels: int, count: int, *,
+                 options: ModelOptions, rngs: nnx.Rngs) -> nnx.List:  # fmt: skip
+    """`count` resnets, the first taking `in_channels` (down and decoder blocks)."""
+    return nnx.List(
+        [
+            args.resnet(
+                in_channels if i == 0 else out_channels, out_channels, options=options, rngs=rngs
+            )
+            for i in range(count)
+        ]
+    )
+
+
+def skip_resnets(args: BlockArgs, in_channels: int, prev_output_channel: int,
+                 out_channels: int, count: int, *, options: ModelOptions,
+                 rngs: nnx.Rngs) -> nnx.List:  # fmt: skip
+    """An up block's resnets: each also takes a skip of the down path concatenated on channels
+    (the last one from the level below, `in_channels`; the first sees the block below's output)."""
+    resnets = []
+    for i in range(count):
+        skip_channels = in_channels if i == count - 1 else out_channels
+        resnet_in = prev_output_channel if i == 0 else out_channels
+        resnets.append(
+            args.resnet(resnet_in + skip_channels, out_channels, options=options, rngs=rngs)
+        )
+    return nnx.List(resnets)
+
+
+def spatial_attentions(args: BlockArgs, channels: int, head_dim: int | None, count: int, *,
+                       options: ModelOptions, rngs: nnx.Rngs) -> nnx.List:  # fmt: skip
+    return nnx.List(
+        [args.spatial_attention(channels, head_dim, options=options, rngs=rngs)
+         for _ in range(count)]
+    )  # fmt: skip
+
+
+def downsampler(add: bool, channels: int, padding: int, *, options: ModelOptions,
+                rngs: nnx.Rngs) -> nnx.List | None:  # fmt: skip
+    if not add:
+        return None
+    return nnx.List([Downsample2D(channels, padding=padding, options=options, rngs=rngs)])
+
+
+def upsampler(add: bool, channels: int, *, options: ModelOptions,
+              rngs: nnx.Rngs) -> nnx.List | None:  # fmt: skip
+    return nnx.List([Upsample2D(channels, options=options, rngs=rngs)]) if add else None
+
+
 class DownBlock2D(nnx.Module):
-    """Resnets, then an optional stride-2 conv (``DownBlock2D``/``AttnDownBlock2D``)."""
+    """Resnets (each followed by an attention in the attention variants), then an optional
+    stride-2 conv: ``DownBlock2D``/``AttnDownBlock2D``, and the base of the cross-attention one.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, args: BlockArgs,
                  add_downsample: bool, downsample_padding: int = 1,
                  attention_head_dim: int | None = None, with_attention: bool = False,
                  options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
         self.options = options
-        self.resnets = nnx.List(
-            [
-                args.resnet(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    options=options,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = resnet_chain(args, in_channels, out_channels, num_layers,
+                                    options=options, rngs=rngs)  # fmt: skip
         self.attentions = (
-            nnx.List(
-                [
-                    args.spatial_attention(
-                        out_channels, attention_head_dim, options=options, rngs=rngs
-                    )
-                    for _ in range(num_layers)
-                ]
+            spatial_attentions(
+                args, out_channels, attention_head_dim, num_layers, options=options, rngs=rngs
             )
             if with_attention
             else None
         )
-        self.downsamplers = (
-            nnx.List(
-                [Downsample2D(out_channels, padding=downsample_padding, options=options, rngs=rngs)]
-            )
-            if add_downsample
-            else None
-        )
+        self.downsamplers = downsampler(add_downsample, out_channels, downsample_padding,
+                                        options=options, rngs=rngs)  # fmt: skip
 
-    def __call__(self, x: jax.Array, temb: jax.Array | None = None):
+    def _attention(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        return _attend(self.attentions[i], x, self.options)
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None,
+                 context: jax.Array | None = None):  # fmt: skip
+        """(B, H, W, C_in) -> ((B, H', W', C_out), the skips for the up path)."""
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = call_block(resnet, x, temb, remat=self.options.remat)
             if self.attentions is not None:
-                x = _attend(self.attentions[i], x, self.options)
+                x = self._attention(i, x, context)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -123,45 +159,37 @@ class DownBlock2D(nnx.Module):
 
 
 class UpBlock2D(nnx.Module):
-    """Resnets fed with the down path's skips, then an optional upsample (``UpBlock2D``/``AttnUpBlock2D``)."""
+    """Resnets fed with the down path's skips (each followed by an attention in the attention
+    variants), then an optional upsample: ``UpBlock2D``/``AttnUpBlock2D``, and the base of the
+    cross-attention one."""
 
     def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, *,
                  num_layers: int, args: BlockArgs, add_upsample: bool,
                  attention_head_dim: int | None = None, with_attention: bool = False,
                  options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
         self.options = options
-        resnets = []
-        for i in range(num_layers):
-            skip_channels = in_channels if i == num_layers - 1 else out_channels
-            resnet_in = prev_output_channel if i == 0 else out_channels
-            resnets.append(args.resnet(resnet_in + skip_channels, out_channels, options=options,
-                                       rngs=rngs))  # fmt: skip
-        self.resnets = nnx.List(resnets)
+        self.resnets = skip_resnets(args, in_channels, prev_output_channel, out_channels,
+                                    num_layers, options=options, rngs=rngs)  # fmt: skip
         self.attentions = (
-            nnx.List(
-                [
-                    args.spatial_attention(
-                        out_channels, attention_head_dim, options=options, rngs=rngs
-                    )
-                    for _ in range(num_layers)
-                ]
+            spatial_attentions(
+                args, out_channels, attention_head_dim, num_layers, options=options, rngs=rngs
             )
             if with_attention
             else None
         )
-        self.upsamplers = (
-            nnx.List([Upsample2D(out_channels, options=options, rngs=rngs)])
-            if add_upsample
-            else None
-        )
+        self.upsamplers = upsampler(add_upsample, out_channels, options=options, rngs=rngs)
+
+    def _attention(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        return _attend(self.attentions[i], x, self.options)
 
     def __call__(self, x: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array | None = None,
+                 context: jax.Array | None = None,
                  upsample_size: tuple[int, int] | None = None) -> jax.Array:  # fmt: skip
         for i, resnet in enumerate(self.resnets):
             x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
             x = call_block(resnet, x, temb, remat=self.options.remat)
             if self.attentions is not None:
-                x = _attend(self.attentions[i], x, self.options)
+                x = self._attention(i, x, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -175,10 +203,8 @@ class UNetMidBlock2D(nnx.Module):
                  attn_groups: int | None = None, options: ModelOptions,
                  rngs: nnx.Rngs):  # fmt: skip
         self.options = options
-        self.resnets = nnx.List(
-            [args.resnet(in_channels, in_channels, options=options, rngs=rngs)
-             for _ in range(num_layers + 1)]
-        )  # fmt: skip
+        self.resnets = resnet_chain(args, in_channels, in_channels, num_layers + 1,
+                                    options=options, rngs=rngs)  # fmt: skip
         # diffusers gives the attention no group norm when attn_groups is unset and the
         # resnets are not "default" (UNet2DModel with resnet_time_scale_shift="scale_shift").
         attn_group_norm = attn_groups is not None or args.time_scale_shift == "default"
@@ -200,12 +226,16 @@ class UNetMidBlock2D(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+    def _attention(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        return _attend(self.attentions[i], x, self.options)
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None,
+                 context: jax.Array | None = None) -> jax.Array:  # fmt: skip
         remat = self.options.remat
         x = call_block(self.resnets[0], x, temb, remat=remat)
         for i, resnet in enumerate(self.resnets[1:]):
             if self.attentions is not None:
-                x = _attend(self.attentions[i], x, self.options)
+                x = self._attention(i, x, context)
             x = call_block(resnet, x, temb, remat=remat)
         return x
 
@@ -234,22 +264,9 @@ class UpDecoderBlock2D(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, args: BlockArgs,
                  add_upsample: bool, options: ModelOptions, rngs: nnx.Rngs):  # fmt: skip
         self.options = options
-        self.resnets = nnx.List(
-            [
-                args.resnet(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    options=options,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
-        self.upsamplers = (
-            nnx.List([Upsample2D(out_channels, options=options, rngs=rngs)])
-            if add_upsample
-            else None
-        )
+        self.resnets = resnet_chain(args, in_channels, out_channels, num_layers,
+                                    options=options, rngs=rngs)  # fmt: skip
+        self.upsamplers = upsampler(add_upsample, out_channels, options=options, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:

@@ -167,3 +167,22 @@ def test_set_options_reaches_every_module():
     for _, module in nnx.iter_modules(block):
         if hasattr(module, "options"):
             assert module.options.remat and module.options.attention == "einsum"
+
+
+def test_options_follow_the_training_flags(tmp_path):
+    from shared import cli
+
+    def options(*flags):
+        argv = ["--config", "configs/models/tiny-ddpm.yaml", "--train_data_dir", str(tmp_path)]
+        config = cli.parse_args([*argv, *flags], task="unconditional", backend="flax")
+        return ModelOptions.from_config(config)
+
+    default = options()
+    assert (default.dtype, default.attention, default.remat) == (jnp.float32, "dot_product", False)
+    chosen = options(
+        "--mixed_precision", "bf16", "--attention", "einsum", "--gradient_checkpointing"
+    )
+    assert (chosen.dtype, chosen.attention, chosen.remat) == (jnp.bfloat16, "einsum", True)
+    assert chosen.param_dtype == jnp.float32
+    with pytest.raises(ValueError, match="mixed_precision=bf16"):  # the config refuses fp16
+        options("--mixed_precision", "fp16")
