@@ -17,7 +17,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -375,7 +377,7 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                 if step % cfg.checkpoint.checkpointing_steps:
                     save_checkpoint(step)
                 bar.close()
-                accelerator.end_training()
+                _end_training(accelerator)
                 logger.warning(
                     "stopped by SIGTERM at step %d; resume with --resume_from_checkpoint latest",
                     step,
@@ -391,13 +393,37 @@ def train(cfg: TrainConfig, task: Task) -> Path:
 
             images = [str(last_image.relative_to(output_dir))] if last_image else []
             hub.push(cfg, commit_message="End of training", images=images)
-    accelerator.end_training()
+    _end_training(accelerator)
     return output_dir
+
+
+def _end_training(accelerator) -> None:
+    """Finishes the trackers. The process group stays up until the process exits (`main`).
+
+    ``accelerator.end_training()`` would destroy it while the DDP-wrapped models still hold it;
+    freeing them afterwards runs gloo's destructor, which joins its worker threads while holding
+    the GIL that a worker may need to free a finished collective's tensors: a deadlock (seen
+    under CPU load in the 2-process tests).
+    """
+    if accelerator.num_processes == 1:
+        accelerator.end_training()
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.wait_for_everyone()  # every process is done with collectives
 
 
 def main(task: Task, argv: Sequence[str] | None = None) -> int:
     """`python -m torchdiff.<task> ARGV`: parse the flags (and `--config` files), train."""
     train(cli.parse_args(argv, task=task.name, backend="torch"), task)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Everything is written and every process has passed the last barrier; exiting without
+        # tearing down the gloo/NCCL process group avoids its destructor deadlock (see
+        # _end_training).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
