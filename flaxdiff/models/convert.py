@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flaxdiff.models import weights_io
+from flaxdiff.models import hub_files, weights_io
 from flaxdiff.models.layers import Buffer, ModelOptions, fill_random
 from flaxdiff.models.state_dict import load_torch_state_dict, torch_state_dict
 from shared import diffusers_format
@@ -188,7 +188,7 @@ def from_diffusers(
     Returns:
       The model (one component) or a `FlaxPipeline` (whole folder).
     """
-    folder = _local_folder(str(path_or_repo), subfolder, revision=revision)
+    folder = _local_folder(str(path_or_repo), subfolder, revision=revision, variant=variant)
     if (folder / "config.json").is_file():
         return load_model(folder, variant=variant, options=options)
     if not (folder / diffusers_format.MODEL_INDEX).is_file():
@@ -220,29 +220,15 @@ def load_model(
     return load_torch_state_dict(model, weights, source=f"the weights in {folder}")
 
 
-def _local_folder(path_or_repo: str, subfolder: str | None, *, revision: str | None) -> Path:
+def _local_folder(path_or_repo: str, subfolder: str | None, *, revision: str | None,
+                  variant: str | None) -> Path:  # fmt: skip
     local = diffusers_format.resolve_component(
         path_or_repo, subfolder, flag="pretrained_model_name_or_path"
     )
     if local is not None:
         return Path(local)
-    return _download(path_or_repo, subfolder, revision=revision)
-
-
-def _download(repo_id: str, subfolder: str | None, *, revision: str | None) -> Path:
-    """A hub snapshot of the files a Flax load reads: configs, tokenizers, safetensors.
-
-    ``.bin`` weights are fetched only for repos that have no safetensors.
-    """
-    from huggingface_hub import list_repo_files, snapshot_download  # slow import, hub only
-
-    prefix = f"{subfolder}/" if subfolder else ""
-    files = [f for f in list_repo_files(repo_id, revision=revision) if f.startswith(prefix)]
-    # fnmatch's "*" crosses "/", so "unet/*.json" also matches deeper files.
-    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-    patterns = [f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}{weights}"]
-    root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    return root / subfolder if subfolder else root
+    return hub_files.download(path_or_repo, subfolder, revision=revision, variant=variant,
+                              is_model=MODEL_CLASSES.__contains__)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_hub_ids_download_only_what_a_flax_load_reads(sd_folder, monkeypatch):
         return [str(p.relative_to(sd_folder)) for p in sd_folder.rglob("*") if p.is_file()]
 
     def fake_snapshot(repo_id, revision=None, allow_patterns=None):
-        calls["snapshot"] = (repo_id, revision, tuple(allow_patterns))
+        calls["snapshot"] = (repo_id, revision, sorted(allow_patterns))
         return str(sd_folder)
 
     monkeypatch.setattr(huggingface_hub, "list_repo_files", fake_list)
@@ -237,8 +237,59 @@ def test_hub_ids_download_only_what_a_flax_load_reads(sd_folder, monkeypatch):
     assert calls["snapshot"] == (
         "someone/tiny-sd",
         "main",
-        ("vae/*.json", "vae/*.txt", "vae/*.safetensors"),
+        ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"],
     )
+
+
+def test_hub_file_selection_skips_checkpoints_variants_and_unused_models():
+    """What a whole-pipeline download fetches from a repo laid out like SD 1.5's."""
+    from flaxdiff.models import hub_files
+
+    repo = [
+        "model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned.ckpt", "README.md",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.bin",
+        "text_encoder/config.json", "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+        "scheduler/scheduler_config.json",
+        "safety_checker/config.json", "safety_checker/model.safetensors",
+        "feature_extractor/preprocessor_config.json",
+    ]  # fmt: skip
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    }
+
+    def fetch(variant):
+        return sorted(hub_files.files_to_fetch(
+            repo, None, variant=variant, read_index=lambda: index,
+            is_model=convert.MODEL_CLASSES.__contains__,
+        ))  # fmt: skip
+
+    assert fetch(None) == sorted([
+        "model_index.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.bin",  # no safetensors there
+        "text_encoder/config.json", "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+        "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
+    ])  # fmt: skip
+    fp16 = fetch("fp16")
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in fp16
+    assert "vae/diffusion_pytorch_model.fp16.bin" in fp16
+    assert "unet/diffusion_pytorch_model.safetensors" not in fp16
 
 
 def test_a_typo_in_a_path_is_not_sent_to_the_hub(tmp_path):
