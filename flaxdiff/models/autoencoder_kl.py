@@ -10,14 +10,14 @@ model one to one; the config is diffusers' ``config.json`` (`AutoencoderKLConfig
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from flaxdiff.models.layers import Conv2d, GroupNorm, ModelOptions, activation, call_block
+from flaxdiff.models.model_config import DiffusersConfig
 from flaxdiff.models.unet_blocks import BlockArgs, UNetMidBlock2D, UpDecoderBlock2D, down_block
 
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
@@ -27,19 +27,16 @@ SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
 _VAE_EPS = 1e-6
 
 
-def _as_tuple(value: Any) -> Any:
-    """Lists (as JSON gives them) -> tuples, so the frozen config stays hashable."""
-    return tuple(value) if isinstance(value, list) else value
-
-
 @dataclasses.dataclass(frozen=True)
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(DiffusersConfig):
     """The arguments of diffusers' ``AutoencoderKL.__init__`` (same names and defaults).
 
     ``sample_size``, ``scaling_factor``, ``shift_factor``, ``latents_mean``/``latents_std`` and
     ``force_upcast`` shape no parameter: they are kept so a config survives a round trip and so
     trainers can read the latent scaling from one place.
     """
+
+    class_name = "AutoencoderKL"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -60,44 +57,9 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, _as_tuple(getattr(self, field.name)))
-        for key, types, supported in (
-            ("down_block_types", self.down_block_types, SUPPORTED_DOWN_BLOCKS),
-            ("up_block_types", self.up_block_types, SUPPORTED_UP_BLOCKS),
-        ):
-            for block_type in types:
-                if block_type not in supported:
-                    raise ValueError(
-                        f"AutoencoderKL {key}: {block_type!r} is not supported "
-                        f"(supported: {', '.join(supported)})"
-                    )
-            if len(types) != len(self.block_out_channels):
-                raise ValueError(
-                    f"AutoencoderKL {key} has {len(types)} entries but block_out_channels has "
-                    f"{len(self.block_out_channels)}; give one block type per level"
-                )
+    def validate(self) -> None:
+        self.check_levels(SUPPORTED_DOWN_BLOCKS, SUPPORTED_UP_BLOCKS)
         activation(self.act_fn)  # fail at config time on an unknown activation name
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> AutoencoderKLConfig:
-        """Builds the config from a diffusers ``config.json`` dict.
-
-        Like diffusers, keys starting with ``_`` (``_class_name``, ``_diffusers_version``) and
-        keys this class does not know (arguments of older or newer diffusers versions) are
-        ignored; a missing key takes diffusers' default.
-        """
-        known = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known and not k.startswith("_")})
-
-    def to_dict(self) -> dict[str, Any]:
-        """The diffusers ``config.json`` dict (tuples as lists), ``_class_name`` included."""
-        out: dict[str, Any] = {"_class_name": "AutoencoderKL"}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            out[field.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
 
 @struct.dataclass

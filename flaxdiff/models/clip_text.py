@@ -15,7 +15,7 @@ at the end-of-text token (see `_eos_positions`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,8 @@ class CLIPTextConfig:
       raw: the config.json dict this config was read from (`from_dict`), so that `to_dict`
         writes back the keys this class does not model; not part of equality or hashing.
     """
+
+    class_name: ClassVar[str] = "CLIPTextModel"  # its `convert.MODEL_CLASSES` key
 
     vocab_size: int = 49408
     hidden_size: int = 512

@@ -117,7 +117,7 @@ def init_model(
         counts, sharding plans, or loading weights without a random init first.
     """
     typed = build_config(config) if isinstance(config, Mapping) else config
-    model_cls = _model_class_for(typed)
+    model_cls, _ = MODEL_CLASSES[typed.class_name].load()
     options = options or ModelOptions()
 
     def make():
@@ -127,14 +127,6 @@ def init_model(
     # Drawn on the host: an eager or jitted JAX init compiles every initializer (minutes for
     # a UNet on a 2-core CPU); numpy draws SD 1.5's 860M weights in seconds.
     return model if abstract else fill_random(model, seed)
-
-
-def _model_class_for(config: Any) -> type:
-    for entry in MODEL_CLASSES.values():
-        model_cls, config_cls = entry.load()
-        if type(config) is config_cls:
-            return model_cls
-    raise TypeError(f"no flaxdiff model takes a {type(config).__name__}")
 
 
 def parameter_count(model: nnx.Module) -> int:
@@ -235,14 +227,8 @@ def _local_folder(path_or_repo: str, subfolder: str | None, *, revision: str | N
 # Writing
 
 
-def library_of(model: nnx.Module) -> str:
-    for entry in MODEL_CLASSES.values():
-        if type(model) is entry.load()[0]:
-            return entry.library
-    raise TypeError(f"{type(model).__name__} is not a flaxdiff model")
-
-
 def class_of(model: nnx.Module) -> str:
+    """The diffusers/transformers class name of a flaxdiff model (its `MODEL_CLASSES` key)."""
     for name, entry in MODEL_CLASSES.items():
         if type(model) is entry.load()[0]:
             return name
@@ -330,7 +316,8 @@ def to_diffusers(
             if name in chosen:
                 write_model(chosen[name], staging / name, dtype=dtype,
                             max_shard_bytes=max_shard_bytes)  # fmt: skip
-                components[name] = (library_of(chosen[name]), class_of(chosen[name]))
+                class_name = class_of(chosen[name])
+                components[name] = (MODEL_CLASSES[class_name].library, class_name)
             elif entry is not None and (source.folder / name).is_dir():
                 shutil.copytree(source.folder / name, staging / name)
                 components[name] = entry

@@ -76,44 +76,30 @@ class UNet2DConfig(DiffusersConfig):
     num_class_embeds: int | None = None
     num_train_timesteps: int | None = None
 
-    def __post_init__(self):
-        blocks = len(self.down_block_types)
-        for name in ("up_block_types", "block_out_channels"):
-            if len(getattr(self, name)) != blocks:
-                raise ValueError(
-                    f"UNet2DConfig: {name} has {len(getattr(self, name))} entries but "
-                    f"down_block_types has {blocks}; give one per resolution level"
-                )
-        for name, known in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES)):
-            for block in getattr(self, name):
-                if _block_type(block) not in known:
-                    raise ValueError(
-                        f"UNet2DConfig: {name} entry {block!r} is not supported by flaxdiff "
-                        f"(supported: {', '.join(known)}); train this model with the torch backend"
-                    )
-        unsupported = {
-            "mid_block_type": (self.mid_block_type in _MID_TYPES, "UNetMidBlock2D, None"),
-            "dropout": (self.dropout == 0.0, "0.0"),
-            "downsample_type": (self.downsample_type == "conv", "conv"),
-            "upsample_type": (self.upsample_type == "conv", "conv"),
-            "resnet_time_scale_shift": (
-                self.resnet_time_scale_shift in _TIME_SCALE_SHIFTS,
-                ", ".join(_TIME_SCALE_SHIFTS),
-            ),
-            "time_embedding_type": (
-                self.time_embedding_type in _TIME_EMBEDDING_TYPES,
-                ", ".join(_TIME_EMBEDDING_TYPES),
-            ),
-            "class_embed_type": (
-                self.class_embed_type in _CLASS_EMBED_TYPES,
-                "None (with num_class_embeds for class ids), timestep, identity",
-            ),
-            # diffusers itself cannot build resnets without a group count.
-            "norm_num_groups": (self.norm_num_groups is not None, "an int"),
-        }
-        for name, (ok, supported) in unsupported.items():
-            if not ok:
-                self.refuse(name, supported)
+    def validate(self) -> None:
+        self.check_levels(_DOWN_TYPES, _UP_TYPES, normalize=_block_type)
+        self.check_supported(
+            {
+                "mid_block_type": (self.mid_block_type in _MID_TYPES, "UNetMidBlock2D, None"),
+                "dropout": (self.dropout == 0.0, "0.0"),
+                "downsample_type": (self.downsample_type == "conv", "conv"),
+                "upsample_type": (self.upsample_type == "conv", "conv"),
+                "resnet_time_scale_shift": (
+                    self.resnet_time_scale_shift in _TIME_SCALE_SHIFTS,
+                    ", ".join(_TIME_SCALE_SHIFTS),
+                ),
+                "time_embedding_type": (
+                    self.time_embedding_type in _TIME_EMBEDDING_TYPES,
+                    ", ".join(_TIME_EMBEDDING_TYPES),
+                ),
+                "class_embed_type": (
+                    self.class_embed_type in _CLASS_EMBED_TYPES,
+                    "None (with num_class_embeds for class ids), timestep, identity",
+                ),
+                # diffusers itself cannot build resnets without a group count.
+                "norm_num_groups": (self.norm_num_groups is not None, "an int"),
+            }
+        )
         if self.time_embedding_type == "learned" and self.num_train_timesteps is None:
             raise ValueError(
                 "UNet2DConfig: time_embedding_type='learned' needs num_train_timesteps "

@@ -87,51 +87,37 @@ class UNet2DConditionConfig(DiffusersConfig):
     cross_attention_norm: str | None = None
     addition_embed_type_num_heads: int = 64
 
-    def __post_init__(self):
+    def validate(self) -> None:
+        self.check_levels(_DOWN_TYPES, _UP_TYPES)
         blocks = len(self.down_block_types)
-        if len(self.up_block_types) != blocks or len(self.block_out_channels) != blocks:
-            raise ValueError(
-                "UNet2DConditionConfig: down_block_types, up_block_types and block_out_channels "
-                f"must have the same length (got {blocks}, {len(self.up_block_types)}, "
-                f"{len(self.block_out_channels)})"
-            )
-        for name, value, known in (
-            ("down_block_types", self.down_block_types, _DOWN_TYPES),
-            ("up_block_types", self.up_block_types, _UP_TYPES),
-        ):
-            for block in value:
-                if block not in known:
-                    raise ValueError(
-                        f"UNet2DConditionConfig: {name} entry {block!r} is not supported by "
-                        f"flaxdiff (supported: {', '.join(known)}); train this model with the "
-                        "torch backend"
-                    )
-        unsupported = {
-            "mid_block_type": (self.mid_block_type in _MID_TYPES, _MID_TYPES),
-            "dual_cross_attention": (not self.dual_cross_attention, "False"),
-            "dropout": (self.dropout == 0.0, "0.0"),
-            "encoder_hid_dim_type": (self.encoder_hid_dim_type is None, "None"),
-            "addition_embed_type": (self.addition_embed_type is None, "None"),
-            "class_embed_type": (self.class_embed_type in _CLASS_EMBED_TYPES, _CLASS_EMBED_TYPES),
-            "time_embedding_type": (
-                self.time_embedding_type in ("positional", "fourier"),
-                "positional, fourier",
-            ),
-            "resnet_time_scale_shift": (
-                self.resnet_time_scale_shift in ("default", "scale_shift"),
-                "default, scale_shift",
-            ),
-            "time_cond_proj_dim": (self.time_cond_proj_dim is None, "None"),
-            "attention_type": (self.attention_type == "default", "default"),
-            "cross_attention_norm": (self.cross_attention_norm is None, "None"),
-            "num_attention_heads": (
-                self.num_attention_heads is None,
-                "None (diffusers reads the head count from attention_head_dim)",
-            ),
-        }
-        for name, (ok, supported) in unsupported.items():
-            if not ok:
-                self.refuse(name, supported)
+        self.check_supported(
+            {
+                "mid_block_type": (self.mid_block_type in _MID_TYPES, _MID_TYPES),
+                "dual_cross_attention": (not self.dual_cross_attention, "False"),
+                "dropout": (self.dropout == 0.0, "0.0"),
+                "encoder_hid_dim_type": (self.encoder_hid_dim_type is None, "None"),
+                "addition_embed_type": (self.addition_embed_type is None, "None"),
+                "class_embed_type": (
+                    self.class_embed_type in _CLASS_EMBED_TYPES,
+                    _CLASS_EMBED_TYPES,
+                ),
+                "time_embedding_type": (
+                    self.time_embedding_type in ("positional", "fourier"),
+                    "positional, fourier",
+                ),
+                "resnet_time_scale_shift": (
+                    self.resnet_time_scale_shift in ("default", "scale_shift"),
+                    "default, scale_shift",
+                ),
+                "time_cond_proj_dim": (self.time_cond_proj_dim is None, "None"),
+                "attention_type": (self.attention_type == "default", "default"),
+                "cross_attention_norm": (self.cross_attention_norm is None, "None"),
+                "num_attention_heads": (
+                    self.num_attention_heads is None,
+                    "None (diffusers reads the head count from attention_head_dim)",
+                ),
+            }
+        )
         if self.class_embed_type in ("projection", "simple_projection") and (
             self.projection_class_embeddings_input_dim is None
         ):
