@@ -25,6 +25,7 @@ import yaml
 
 from shared import config as C
 from shared.config import ConfigError, TrainConfig
+from shared.diffusers_format import atomic_write_text
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 _RESERVED = ("base_config", "task", "backend")
@@ -251,10 +252,7 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> Path:
     """Writes the resolved config atomically (temp file + rename): never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, to_yaml(cfg))
 
 
 def load_saved_config(path: str | os.PathLike) -> TrainConfig:

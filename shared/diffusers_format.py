@@ -16,7 +16,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +55,28 @@ def components_of(index: Mapping[str, Any]) -> dict[str, tuple[str, str] | None]
     return out
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes `text` to a temp file beside `path`, fsyncs it, then renames it over `path`."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Lets `write` fill a hidden temp file beside `path`, fsyncs it and renames it over `path`.
+
+    A crash leaves either the old file or the new one, never a half-written one; the temp file
+    is removed on failure. Its name (``.NAME.XXXXXXXX.tmp``) matches no weight or config file.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write` of a UTF-8 text file."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_model_index(

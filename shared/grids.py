@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shared.diffusers_format import atomic_write
+
 
 def make_grid(images: np.ndarray, *, rows: int) -> np.ndarray:
     """Tiles (N, H, W, C) images into one (rows*H, cols*W, C) image, row-major; blanks pad the end."""
@@ -38,7 +40,5 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, *, rows: int = 1) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(to_uint8(images), rows=rows)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    image = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

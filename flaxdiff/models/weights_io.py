@@ -19,7 +19,6 @@ import os
 import pickle
 import re
 import sys
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
+
+from shared.diffusers_format import atomic_write, atomic_write_text
 
 _FIX_HINT = (
     "convert it to safetensors on a trusted machine, e.g. load it with diffusers/transformers "
@@ -185,23 +186,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Lets `write` fill a hidden temp file beside `path`, fsyncs it and renames it over `path`.
-
-    A crash leaves either the old file or the new one, never a half-written one. The temp name
-    does not end in a weight suffix, so a leftover is never mistaken for weights.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def _contiguous(key: object, value: object) -> np.ndarray:
     if not isinstance(key, str):
         raise TypeError(f"state dict keys must be str, got {key!r}")
@@ -270,13 +254,13 @@ def write_weights(
     index = folder / f"{stem}.safetensors.index.json"
     written: list[Path] = []
     if len(groups) == 1:
-        _atomic_write(single, saver(groups[0]))
+        atomic_write(single, saver(groups[0]))
         written.append(single)
     else:
         weight_map = {}
         for i, keys in enumerate(groups, start=1):
             shard = folder / f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
-            _atomic_write(shard, saver(keys))
+            atomic_write(shard, saver(keys))
             written.append(shard)
             weight_map.update(dict.fromkeys(keys, shard.name))
         text = json.dumps(
@@ -287,7 +271,7 @@ def write_weights(
             indent=2,
             sort_keys=True,
         )
-        _atomic_write(index, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+        atomic_write_text(index, text + "\n")
         written.append(index)
 
     # Only now that the new layout is complete: a stale index next to a new single file (or an
