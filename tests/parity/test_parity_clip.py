@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import F32_REL, F64_REL, assert_parity, max_error
 from flax import nnx
+from parity_helpers import F32_REL, F64_REL, assert_parity, max_error
 from safetensors.numpy import save_file
 
 from flaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel

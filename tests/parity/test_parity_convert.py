@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import F32_REL, assert_parity, nchw_to_nhwc
 from flax import nnx
+from parity_helpers import F32_REL, assert_parity, nchw_to_nhwc
 
 from flaxdiff.models import convert
 from flaxdiff.models.layers import ModelOptions

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import (
+from flax import nnx
+from parity_helpers import (
     F32_REL,
     F64_REL,
     assert_parity,
@@ -24,7 +25,6 @@ from conftest import (
     max_error,
     nchw_to_nhwc,
 )
-from flax import nnx
 
 from flaxdiff.models.layers import Buffer, ModelOptions, set_options
 from flaxdiff.models.state_dict import load_torch_state_dict, torch_state_dict

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
+from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals as residuals_of  # no public counter
+from parity_helpers import (
     F32_REL,
     F64_REL,
     assert_parity,
@@ -14,8 +16,6 @@ from conftest import (
     float64_time_proj,
     nchw_to_nhwc,
 )
-from flax import nnx
-from jax._src.ad_checkpoint import saved_residuals as residuals_of  # no public counter
 
 from flaxdiff.models.convert import init_model
 from flaxdiff.models.embeddings import timestep_embedding

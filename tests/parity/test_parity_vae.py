@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import F32_REL, F64_REL, assert_parity, max_error, nchw_to_nhwc, nhwc_to_nchw
 from flax import nnx
+from parity_helpers import F32_REL, F64_REL, assert_parity, max_error, nchw_to_nhwc, nhwc_to_nchw
 
 from flaxdiff.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from flaxdiff.models.convert import parameter_count
