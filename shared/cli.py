@@ -15,6 +15,7 @@ import difflib
 import json
 import os
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ import yaml
 from shared import config as C
 from shared.config import ConfigError, TrainConfig
 from shared.diffusers_format import atomic_write_text
+from shared.errors import EXIT_USER_ERROR, UserError, debug_enabled
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 _RESERVED = ("base_config", "task", "backend")
@@ -328,13 +330,34 @@ if __name__ == "__main__":  # python -m shared.cli: print the README flag table
 
 
 def run_main(main: Callable[[], int]) -> int:
-    """Runs a task entry point; bad input ends with one clear line and exit status 2.
+    """Runs a task entry point; what the user can fix ends with one line and exit status 2.
 
-    A `ConfigError` (or a file that a flag names but that is missing) is the user's to fix, so it
-    is printed without a traceback; anything else is a bug and keeps its traceback.
+    A `UserError` (a config, data, checkpoint or training error), or a file or folder that a
+    flag names but that is missing or not writable, is printed as one line without a traceback
+    (``TWINDIFF_DEBUG=1`` shows it); anything else is a bug and keeps its traceback. A stop
+    signal before training exits with 128 + the signal number and says so; a second Ctrl-C
+    aborts with 130.
     """
+    from shared.run.signals import StopRequested
+
     try:
         return main()
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        if debug_enabled():
+            traceback.print_exc()
+        # Our messages may list files after their first line; an OSError's is one line already.
+        print(f"error: {err if isinstance(err, UserError) else _one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except StopRequested as stop:
+        print(f"twindiff: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        if debug_enabled():
+            traceback.print_exc()
+        print("twindiff: aborted by Ctrl-C; resume from the newest checkpoint with "
+              "--resume_from_checkpoint latest", file=sys.stderr)  # fmt: skip
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

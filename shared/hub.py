@@ -6,11 +6,12 @@ it is never logged and never written (saved configs redact it). Checkpoints and 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 from pathlib import Path
 
-from shared.config import TrainConfig
+from shared.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,50 @@ def model_card(cfg: TrainConfig, *, images: list[str] = ()) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+CHECK_TIMEOUT_SECONDS = 30.0
+
+
+def check_access(cfg: TrainConfig, *, api=None, timeout: float = CHECK_TIMEOUT_SECONDS) -> str:
+    """Before step 1: the token is valid and the repo exists or can be created; returns its id.
+
+    A run with `--push_to_hub` would otherwise find a missing network or a bad token only after
+    training. The check runs in a thread bounded by `timeout`, so an unreachable Hub costs
+    seconds, not a TCP timeout.
+
+    Raises:
+      ConfigError: one line naming the failure and the fix.
+    """
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    token = cfg.hub.hub_token
+    name = repo_id(cfg)
+
+    def reach() -> str:
+        api.whoami(token=token)
+        created = api.create_repo(
+            name, exist_ok=True, private=cfg.hub.hub_private_repo, token=token
+        )
+        return getattr(created, "repo_id", None) or name
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hub-check")
+    future = pool.submit(reach)
+    try:
+        return future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        reason = f"no answer from the Hub in {timeout:.0f} s"
+    except Exception as err:  # any failure of the Hub client is the user's to fix here
+        first = (str(err).strip().splitlines() or [""])[0]
+        reason = f"{type(err).__name__}: {first}"[:300]
+    finally:
+        pool.shutdown(wait=False)
+    raise ConfigError(
+        f"--push_to_hub: cannot use the Hub repo {name!r} ({reason}); check the network, log in "
+        "with `hf auth login` or pass --hub_token, or drop --push_to_hub (nothing was trained yet)"
+    )
 
 
 def push(cfg: TrainConfig, *, commit_message: str, images: list[str] = (), api=None) -> str:

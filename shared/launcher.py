@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import runpy
 import sys
 import time
@@ -26,6 +25,7 @@ from shared import cli
 from shared import config as C
 from shared.config import ConfigError
 from shared.plan import plan_run
+from shared.run.report import setup_logging
 
 logger = logging.getLogger("twindiff")
 DEMO_CONFIG = "demo.yaml"
@@ -190,10 +190,8 @@ def _print_report(cfg: C.TrainConfig, report: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("TWINDIFF_LOG_LEVEL", "WARNING"),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Quiet by default; a trainer started from here sets up logging again for its process.
+    setup_logging(default="WARNING")
     args = list(sys.argv[1:] if argv is None else argv)
     usage = __doc__.split("\n\n")[1]
     if not args or args[0] in ("-h", "--help"):

@@ -1,29 +1,23 @@
-"""Training-state checkpoints: `output_dir/checkpoint-<step>/`, atomic, exact to resume from.
+"""The torch state inside the shared checkpoint folder (`shared.run.checkpoints`).
 
-A checkpoint holds everything an uninterrupted run would still have in memory:
+The shared code owns the folder: its layout, the manifest, the atomic commit, discovery, resume
+rules and pruning. This module writes and reads the torch files inside it:
 
     checkpoint-<step>/
       unet/  text_encoder/         trained models, diffusers/transformers format (loadable alone)
-      optimizer.pt  lr_scheduler.pt  ema.pt  scaler.pt      (the last two when used)
+      optimizer.pt  ema.pt  scaler.pt     (the last two when used)
       rng_<rank>.pt                python, numpy, torch (+cuda) and the noise generator, per process
-      data_<rank>.json             the shared loader's {epoch, position}, per process
-      trainer_state.json           global step and the values of the run plan
-      config.yaml                  the resolved config (hub token redacted)
+      + the shared files: trainer_state.json, config.yaml, data_<rank>.json, manifest.json
 
-Every process writes into `checkpoint-<step>.tmp/`; after a barrier the main process renames it
-to `checkpoint-<step>/` (a rename is atomic on one filesystem), and only then deletes the oldest
-checkpoints beyond `--checkpoints_total_limit`. A crash at any point leaves the previous
-checkpoints whole; a leftover `.tmp` folder is never read and is cleared by the next save.
+There is no LR-scheduler file: the LR is a function of the step (`shared.run.lr`), rebuilt at
+resume from the resumed run's flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import os
+import errno
 import random
-import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,54 +26,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared import cli
-from shared.config import ConfigError, TrainConfig
+from shared.errors import CheckpointError
+from shared.run import checkpoints
+from shared.run.process import ProcessGroup
 
-logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TMP_SUFFIX = ".tmp"
+_NEARLY_FULL = 64 * 2**20  # bytes free below which a failed write means a full disk
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Committed checkpoints of `output_dir`, oldest (lowest step) first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = CHECKPOINT_PATTERN.match(child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+def process_group(accelerator) -> ProcessGroup:
+    """The shared view of Accelerate's processes: barrier and an all-processes AND."""
+    if accelerator.num_processes == 1:
+        return ProcessGroup()
 
+    def all_true(flag: bool) -> bool:
+        mine = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+        return bool(accelerator.gather(mine).min().item() > 0)
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint `--resume_from_checkpoint` names, or None for a fresh start.
-
-    "latest" with no checkpoint yet starts fresh (as diffusers does); a name or path that does
-    not hold a complete checkpoint is an error, never a silent fresh start.
-    """
-    wanted = cfg.checkpoint.resume_from_checkpoint
-    if wanted is None:
-        return None
-    output_dir = Path(cfg.checkpoint.output_dir)
-    if wanted == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet", output_dir)
-            return None
-        return found[-1]
-    path = Path(wanted)
-    candidates = [path] if path.is_absolute() else [output_dir / path, path]
-    for candidate in candidates:
-        if (candidate / "trainer_state.json").is_file():
-            return candidate
-    tried = " or ".join(str(c) for c in candidates)
-    raise ConfigError(
-        f"--resume_from_checkpoint {wanted}: no complete checkpoint at {tried} (a checkpoint "
-        "folder holds trainer_state.json); pass 'latest', a checkpoint-<step> name inside "
-        "--output_dir, or a checkpoint folder path"
+    return ProcessGroup(
+        index=accelerator.process_index,
+        count=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+        all_true=all_true,
     )
 
 
@@ -88,23 +55,30 @@ class TrainingState:
     """What the trainer hands to `save` and gets back from `load`, besides the models.
 
     Attributes:
-      models: name -> module to save in diffusers/transformers format ("unet", "text_encoder").
-      optimizer, lr_scheduler: saved with their `state_dict`.
+      models: name -> unwrapped module saved in diffusers/transformers format ("unet", ...).
+      optimizer: saved with its `state_dict`.
+      generator: the noise generator.
       ema: a diffusers `EMAModel` or None.
       ema_state / load_ema_state: functions turning the EMA into a `torch.load(weights_only=True)`
         friendly dict and back.
       scaler: the fp16 grad scaler (or None).
-      generator: the noise generator.
     """
 
     models: Mapping[str, torch.nn.Module]
     optimizer: Any
-    lr_scheduler: Any
     generator: torch.Generator
     ema: Any = None
     ema_state: Callable[[Any], dict] | None = None
     load_ema_state: Callable[[Any, dict], None] | None = None
     scaler: Any = None
+
+    def finite(self) -> bool:
+        """Whether every trained weight (and EMA weight) is finite: one device sync."""
+        tensors = [p for m in self.models.values() for p in m.parameters()]
+        if self.ema is not None:
+            tensors += list(self.ema.shadow_params)
+        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+        return bool(torch.stack(flags).all().item()) if flags else True
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -133,119 +107,107 @@ def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_model(model: torch.nn.Module, folder: Path) -> None:
-    # An fp32 CPU copy is not needed: the trained models are fp32 already (mixed precision keeps
-    # master weights in fp32), and save_pretrained writes safetensors from any device.
-    model.save_pretrained(folder, safe_serialization=True)
-
-
-def _load_model(model: torch.nn.Module, folder: Path) -> None:
-    loaded = type(model).from_pretrained(folder)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    del loaded
-
-
 def save(
-    accelerator,
-    cfg: TrainConfig,
+    output_dir: str | Path,
     state: TrainingState,
     *,
+    group: ProcessGroup,
     step: int,
+    trainer_state: Mapping[str, Any],
+    config_text: str,
     loader_state: Mapping[str, int],
-    plan_values: Mapping[str, Any],
+    limit: int | None,
 ) -> Path:
-    """Writes `checkpoint-<step>` atomically on every process; returns its path.
+    """Writes `checkpoint-<step>` through the shared protocol; every process calls it."""
 
-    Every process must call it (each writes its own rng and data position).
-    """
-    output_dir = Path(cfg.checkpoint.output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f"checkpoint-{step}{TMP_SUFFIX}"
-    rank = accelerator.process_index
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a save that died before its commit
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def write_main(folder: Path) -> None:
         for name, model in state.models.items():
-            _save_model(accelerator.unwrap_model(model), tmp / name)
-        torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(state.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            # The trained models are fp32 masters already: save_pretrained writes them as they are.
+            model.save_pretrained(folder / name, safe_serialization=True)
+        _torch_save(state.optimizer.state_dict(), folder / "optimizer.pt")
         if state.ema is not None:
-            torch.save(state.ema_state(state.ema), tmp / "ema.pt")
+            _torch_save(state.ema_state(state.ema), folder / "ema.pt")
         if state.scaler is not None:
-            torch.save(state.scaler.state_dict(), tmp / "scaler.pt")
-        cli.save_config(cfg, tmp / "config.yaml")
-        trainer_state = {"global_step": step, "plan": dict(plan_values)}
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-    torch.save(_rng_state(state.generator), tmp / f"rng_{rank}.pt")
-    (tmp / f"data_{rank}.json").write_text(json.dumps(dict(loader_state)) + "\n")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stale = None
-        if final.exists():
-            # A resumed run saving a step again: the new one replaces it, and the old one is
-            # deleted only once the new one is in place.
-            stale = final.with_name(final.name + ".old")
-            if stale.exists():
-                shutil.rmtree(stale)
-            os.replace(final, stale)
-        os.replace(tmp, final)
-        if stale is not None:
-            shutil.rmtree(stale)
-        _prune(output_dir, cfg.checkpoint.checkpoints_total_limit)
-        logger.info("saved %s", final)
-    accelerator.wait_for_everyone()
-    return final
+            _torch_save(state.scaler.state_dict(), folder / "scaler.pt")
+
+    def write_each(folder: Path, rank: int) -> None:
+        _torch_save(_rng_state(state.generator), folder / f"rng_{rank}.pt")
+
+    return checkpoints.save(
+        output_dir,
+        step,
+        group=group,
+        write_main=write_main,
+        write_each=write_each,
+        trainer_state=trainer_state,
+        config_text=config_text,
+        loader_state=loader_state,
+        limit=limit,
+        finite=state.finite(),
+    )
 
 
-def _prune(output_dir: Path, limit: int | None) -> None:
-    """Deletes the oldest committed checkpoints beyond `limit` (the newest is already whole)."""
-    if limit is None:
-        return
-    found = list_checkpoints(output_dir)
-    for old in found[: max(0, len(found) - limit)]:
-        logger.info("--checkpoints_total_limit %d: removing %s", limit, old)
-        shutil.rmtree(old)
-
-
-def load(accelerator, path: Path, state: TrainingState) -> dict[str, Any]:
-    """Restores `state` from the checkpoint at `path`; returns step and this process's data state.
+def load(path: Path, state: TrainingState, *, rank: int) -> dict[str, Any]:
+    """Restores `state` from the checkpoint at `path` (already verified by the shared code).
 
     Returns:
-      {"global_step": int, "loader_state": {"epoch", "position"}, "plan": dict}.
+      {"trainer_state": dict, "loader_state": {"epoch", "position"}}.
+
+    Raises:
+      CheckpointError: a file the run needs is missing or unreadable; one line naming it.
     """
-    rank = accelerator.process_index
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
     missing = [
         name
-        for name in (*state.models, "optimizer.pt", "lr_scheduler.pt", f"rng_{rank}.pt")
+        for name in (*state.models, "optimizer.pt", f"rng_{rank}.pt")
         if not (path / name).exists()
     ]
     if state.ema is not None and not (path / "ema.pt").exists():
         missing.append("ema.pt (the run uses --use_ema; the checkpoint was saved without it)")
     if missing:
-        raise ConfigError(
+        raise CheckpointError(
             f"--resume_from_checkpoint {path}: the checkpoint lacks {', '.join(missing)}; it was "
             "written by a run with different options (--train_text_encoder, --use_ema, or more "
             "processes). Resume with the options it was saved with."
         )
-    for name, model in state.models.items():
-        _load_model(accelerator.unwrap_model(model), path / name)
-    state.optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
-    state.lr_scheduler.load_state_dict(_torch_load(path / "lr_scheduler.pt"))
-    if state.ema is not None:
-        state.load_ema_state(state.ema, _torch_load(path / "ema.pt"))
-    if state.scaler is not None and (path / "scaler.pt").exists():
-        state.scaler.load_state_dict(_torch_load(path / "scaler.pt"))
-    _set_rng_state(_torch_load(path / f"rng_{rank}.pt"), state.generator)
-    loader_state = json.loads((path / f"data_{rank}.json").read_text())
+    try:
+        for name, model in state.models.items():
+            loaded = type(model).from_pretrained(path / name)
+            model.load_state_dict(loaded.state_dict(), strict=True)
+            del loaded
+        state.optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+        if state.ema is not None:
+            state.load_ema_state(state.ema, _torch_load(path / "ema.pt"))
+        _set_rng_state(_torch_load(path / f"rng_{rank}.pt"), state.generator)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"--resume_from_checkpoint {path}: cannot load it ({type(err).__name__}: {first}); "
+            "resume from an older checkpoint"
+        ) from err
     return {
-        "global_step": int(trainer_state["global_step"]),
-        "loader_state": loader_state,
-        "plan": trainer_state.get("plan", {}),
+        "trainer_state": checkpoints.read_trainer_state(path),
+        "loader_state": checkpoints.read_loader_state(path, rank),
     }
+
+
+def load_scaler(path: Path, scaler) -> None:
+    """Restores the fp16 GradScaler (it exists only once Accelerate has prepared the run)."""
+    if (path / "scaler.pt").exists():
+        scaler.load_state_dict(_torch_load(path / "scaler.pt"))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """`torch.save`, with a full disk reported as the OSError it is.
+
+    torch's zip writer turns a failed write into a bare RuntimeError ("PytorchStreamWriter failed
+    writing file"); the shared checkpoint code recognizes a full disk by its errno.
+    """
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        if "failed writing" in str(err) and shutil.disk_usage(path.parent).free < _NEARLY_FULL:
+            raise OSError(errno.ENOSPC, f"No space left on device writing {path}") from err
+        raise
 
 
 def _torch_load(path: Path) -> Any:

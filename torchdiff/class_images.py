@@ -1,27 +1,21 @@
-"""DreamBooth class images: generate the ones `--class_data_dir` lacks before training starts.
+"""DreamBooth class images: the torch sampler behind `shared.data.class_images`.
 
-As `train_dreambooth.py`: with `--with_prior_preservation` and fewer than `--num_class_images`
-images in the folder, the base pipeline samples `--class_prompt` in batches of
-`--sample_batch_size` (its own default scheduler and step count), each process a share of the
-missing images, saved as `<index>-<sha1 of the image>.jpg`. `--prior_generation_precision`
-picks the dtype (default fp16 on GPU, fp32 elsewhere). Files are written through a temporary
-name, so an interrupted generation leaves only whole images and the next run makes the rest.
+Which images `--class_data_dir` lacks, which process makes which, file names and the final check
+are decided in `shared.data.class_images`; this module only samples. The base pipeline samples
+`--class_prompt` with its own default scheduler and step count, as `train_dreambooth.py` does, in
+the dtype `--prior_generation_precision` picks (default fp16 on GPU, fp32 elsewhere), and is built
+only when images are missing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-import os
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from shared.config import TrainConfig
-from shared.data import count_images
-from shared.prompts import PromptDataset
+from shared.data.class_images import generate_class_images
+from torchdiff.checkpoint import process_group
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +23,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 
 def generation_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype class images are sampled in: `--prior_generation_precision`, else fp16 on GPU."""
     wanted = cfg.prompts.prior_generation_precision
     if wanted in PRECISIONS:
         return PRECISIONS[wanted]
@@ -63,66 +58,48 @@ def _pipeline(cfg: TrainConfig, components, dtype: torch.dtype):
     )
 
 
-def _save(image, folder: Path, index: int) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG")
-    data = buffer.getvalue()
-    name = f"{index}-{hashlib.sha1(data).hexdigest()}.jpg"
-    tmp = folder / f".{name}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, folder / name)
+class _PipelineSampler:
+    """`sample(prompts) -> PIL images`, building the pipeline on its first call."""
+
+    def __init__(self, cfg: TrainConfig, components, accelerator):
+        self._cfg = cfg
+        self._components = components
+        self._accelerator = accelerator
+        self._pipeline = None
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, prompts: list[str]) -> list:
+        if self._pipeline is None:
+            device = self._accelerator.device
+            dtype = generation_dtype(self._cfg, device)
+            logger.info("class-image pipeline in %s on %s", dtype, device)
+            pipeline = _pipeline(self._cfg, self._components, dtype).to(device)
+            pipeline.set_progress_bar_config(disable=True)
+            self._pipeline = pipeline
+            # Seeded per process, so a rerun makes the same images (the global RNG is left alone).
+            seed = self._cfg.seed + self._accelerator.process_index
+            self._generator = torch.Generator(device=device).manual_seed(seed)
+        resolution = self._cfg.data.resolution
+        with torch.no_grad():
+            return self._pipeline(
+                prompts, generator=self._generator, height=resolution, width=resolution
+            ).images
+
+    def close(self) -> None:
+        """Drops the pipeline (its fp16 copy of the model is not needed for training)."""
+        built = self._pipeline is not None
+        self._pipeline = self._generator = None
+        if built and self._accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def ensure_class_images(cfg: TrainConfig, components, accelerator) -> int:
-    """Generates the missing class images; returns how many this process wrote."""
-    if not cfg.diffusion.with_prior_preservation:
-        return 0
-    folder = Path(cfg.data.class_data_dir)
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    existing = count_images(folder)
-    missing = cfg.prompts.num_class_images - existing
-    if missing <= 0:
-        return 0
-    device = accelerator.device
-    dtype = generation_dtype(cfg, device)
-    logger.info("generating %d class images into %s (%s)", missing, folder, dtype)
-    pipeline = _pipeline(cfg, components, dtype).to(device)
-    pipeline.set_progress_bar_config(disable=True)
-    prompts = PromptDataset(cfg.prompts.class_prompt, missing)
-    mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
-    batch_size = cfg.prompts.sample_batch_size
-    # Seeded per process, so a rerun makes the same images (the global RNG is left alone).
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + accelerator.process_index)
-    written = 0
-    bar = tqdm(
-        total=len(mine),
-        desc="class images",
-        disable=not accelerator.is_local_main_process,
-    )
-    for start in range(0, len(mine), batch_size):
-        chunk = [prompts[i] for i in mine[start : start + batch_size]]
-        with torch.no_grad():
-            images = pipeline(
-                [item["prompt"] for item in chunk],
-                generator=generator,
-                height=cfg.data.resolution,
-                width=cfg.data.resolution,
-            ).images
-        for item, image in zip(chunk, images, strict=True):
-            _save(image, folder, item["index"] + existing)
-            written += 1
-        bar.update(len(chunk))
-    bar.close()
-    del pipeline
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    accelerator.wait_for_everyone()
-    have = count_images(folder)
-    if have < cfg.prompts.num_class_images:
-        raise RuntimeError(
-            f"--class_data_dir {folder} holds {have} images after generation, fewer than "
-            f"--num_class_images {cfg.prompts.num_class_images}"
-        )
-    return written
+    """Generates the class images `--class_data_dir` lacks; returns how many this process wrote.
+
+    The trainer calls this as the dreambooth task's `prepare` hook on every process.
+    """
+    sampler = _PipelineSampler(cfg, components, accelerator)
+    try:
+        return generate_class_images(cfg, sampler, group=process_group(accelerator))
+    finally:
+        sampler.close()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared import schedules
+from shared import model_folders, schedules
 from shared.config import TrainConfig
 
 PREDICTION_TYPES: tuple[str, ...] = schedules.PREDICTION_TYPES
@@ -98,10 +98,9 @@ class Objective:
         """
         d = cfg.diffusion
         schedule = schedules.NoiseSchedule.from_scheduler_config(scheduler_config)
-        prediction_type = d.prediction_type or scheduler_config.get("prediction_type") or "epsilon"
         return cls(
             alphas_cumprod=schedule.alphas_cumprod,
-            prediction_type=prediction_type,
+            prediction_type=model_folders.prediction_type(cfg, scheduler_config),
             snr_gamma=d.snr_gamma,
             noise_offset=cfg.noise_offset_scale,
             input_perturbation=d.input_perturbation,

@@ -16,7 +16,7 @@ from shared import cli
 from torchdiff import trainer
 from torchdiff.class_images import ensure_class_images
 
-TASK = trainer.Task(name="dreambooth", text_conditioned=True, prepare=ensure_class_images)
+TASK = trainer.Task(name="dreambooth", prepare=ensure_class_images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

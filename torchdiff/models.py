@@ -11,64 +11,47 @@ Accelerate and `torchdiff.memory` wrap them afterwards. Three ways in:
   ``text_encoder_config``/``scheduler_config`` (``configs/models/tiny.yaml``).
 
 Random init is seeded with ``--seed`` in a forked RNG, so it is reproducible and leaves the
-global torch RNG (which seeds noise and dropout later) as it was.
+global torch RNG (which seeds noise and dropout later) as it was. What a folder or config means
+(which UNet config, which tokenizer, which text encoders, the prediction type) is decided in
+`shared.model_folders`, for both backends; this module maps those answers to torch classes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import diffusers
 import torch
 import transformers
+from safetensors import SafetensorError
 
+from shared import model_folders
 from shared.config import TrainConfig, thaw
-from shared.diffusers_format import TOKENIZER_FILES, resolve_component
-from shared.prompts import ClipTokenizer
+from shared.diffusers_format import resolve_component
+from shared.errors import ConfigError
+from shared.model_folders import BASE_FLAG, check_class
 
 logger = logging.getLogger(__name__)
 
-BASE_FLAG = "--pretrained_model_name_or_path"
-
-# Text-encoder classes by `architectures[0]` of text_encoder/config.json. CLIPTextModelWithProjection
-# is left out: its first output is the pooled projection, not the hidden states the UNet attends to.
+# The torch class of each text encoder `shared.model_folders` supports.
 TEXT_ENCODERS: dict[str, type[transformers.PreTrainedModel]] = {
     "CLIPTextModel": transformers.CLIPTextModel,
 }
-_KNOWN_UNSUPPORTED = {
-    "T5EncoderModel": "DeepFloyd IF",
-    "RobertaSeriesModelWithTransformation": "AltDiffusion",
-    "CLIPTextModelWithProjection": "SDXL's second text encoder",
-}
 
 _RANDOM_INIT_CONFIGS = ("unet_config", "vae_config", "text_encoder_config", "scheduler_config")
-# train_unconditional.py's UNet when no config is given (sample_size is --resolution).
-DDPM_UNET_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "layers_per_block": 2,
-    "block_out_channels": (128, 128, 256, 256, 512, 512),
-    "down_block_types": (
-        "DownBlock2D",
-        "DownBlock2D",
-        "DownBlock2D",
-        "DownBlock2D",
-        "AttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": (
-        "UpBlock2D",
-        "AttnUpBlock2D",
-        "UpBlock2D",
-        "UpBlock2D",
-        "UpBlock2D",
-        "UpBlock2D",
-    ),
-}
+# What loading a damaged file raises: diffusers wraps the SafetensorError or JSONDecodeError in
+# an OSError; transformers lets SafetensorError through. Network and missing-file errors are
+# OSErrors too, so only those caused by one of `_DAMAGE` become a ConfigError.
+_LOAD_ERRORS = (OSError, SafetensorError)
+_DAMAGE = (SafetensorError, json.JSONDecodeError)
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -88,8 +71,8 @@ def load_components(cfg: TrainConfig) -> Components:
 
     Raises:
       FileNotFoundError: a local folder lacks a component; the message names the flag.
-      NotImplementedError: the base model's text encoder is not a CLIP text model.
-      ValueError: no pretrained model and no (complete) model configs.
+      ConfigError: a damaged weight or config file (the message names it), a text encoder that
+        is not a CLIP text model, or no pretrained model and no (complete) model configs.
     """
     if cfg.task == "unconditional":
         components = _unconditional(cfg)
@@ -97,10 +80,14 @@ def load_components(cfg: TrainConfig) -> Components:
         components = _pretrained(cfg)
     else:
         components = _from_configs(cfg)
-    if cfg.diffusion.prediction_type is not None:
-        components.noise_scheduler.register_to_config(prediction_type=cfg.diffusion.prediction_type)
+    scheduler = components.noise_scheduler
+    scheduler.register_to_config(
+        prediction_type=model_folders.prediction_type(cfg, scheduler.config)
+    )
     if components.text_encoder is not None and components.tokenizer_dir is not None:
-        _check_vocab(components.tokenizer_dir, components.text_encoder)
+        model_folders.check_vocab(
+            components.tokenizer_dir, components.text_encoder.config.vocab_size
+        )
     return components
 
 
@@ -117,33 +104,15 @@ def _warn_ignored(cfg: TrainConfig, names: tuple[str, ...], instead: str) -> Non
         logger.warning("%s ignores %s: it uses %s", cfg.task, ", ".join(ignored), instead)
 
 
-def _check_class(config: dict[str, Any], expected: str, where: str) -> dict[str, Any]:
-    name = config.pop("_class_name", expected)
-    if name != expected:
-        raise ValueError(f"{where} describes a {name}, but this task needs a {expected}")
-    return config
-
-
 def _unconditional(cfg: TrainConfig) -> Components:
-    m, d = cfg.model, cfg.diffusion
+    d = cfg.diffusion
     _warn_ignored(cfg, ("vae_config", "text_encoder_config", "scheduler_config"), "--ddpm_* flags")
-    if m.unet_config is not None:
-        config = _check_class(thaw(m.unet_config), "UNet2DModel", "unet_config")
-    elif m.model_config_name_or_path is not None:
-        path = m.model_config_name_or_path
-        if not os.path.isfile(os.path.expanduser(path)):
-            resolve_component(path, None, flag="--model_config_name_or_path")
-        config = diffusers.UNet2DModel.load_config(
-            os.path.expanduser(path), cache_dir=cfg.data.cache_dir
-        )
-        config = _check_class(dict(config), "UNet2DModel", f"--model_config_name_or_path {path}")
-    else:
-        config = {**DDPM_UNET_CONFIG, "sample_size": cfg.data.resolution}
+    config = model_folders.unconditional_unet_config(cfg)
     unet = _seeded(cfg, lambda: diffusers.UNet2DModel.from_config(config))
     scheduler = diffusers.DDPMScheduler(
         num_train_timesteps=d.ddpm_num_steps,
         beta_schedule=d.ddpm_beta_schedule,
-        prediction_type=d.prediction_type or "epsilon",
+        prediction_type=model_folders.prediction_type(cfg, {}),
     )
     return Components(unet, scheduler, vae=None, text_encoder=None, tokenizer_dir=None, base=None)
 
@@ -163,27 +132,43 @@ def _read_text_encoder_config(cfg: TrainConfig, base: str, local: str | None) ->
             revision=cfg.model.revision,
             cache_dir=cfg.data.cache_dir,
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return model_folders.read_config_file(path)
 
 
 def text_encoder_class(config: dict[str, Any], where: str) -> type[transformers.PreTrainedModel]:
-    """The supported class named by a text encoder config's ``architectures[0]``.
+    """The transformers class of a text encoder config (`model_folders.text_encoder_class_name`).
 
     Raises:
-      NotImplementedError: any other architecture (T5 of DeepFloyd IF, Roberta of AltDiffusion).
+      ConfigError: an unsupported architecture (T5 of DeepFloyd IF, Roberta of AltDiffusion).
     """
-    architectures = config.get("architectures") or []
-    name = architectures[0] if architectures else None
-    if name is None and config.get("model_type") == "clip_text_model":
-        name = "CLIPTextModel"
-    if name not in TEXT_ENCODERS:
-        family = f" ({_KNOWN_UNSUPPORTED[name]})" if name in _KNOWN_UNSUPPORTED else ""
-        raise NotImplementedError(
-            f"{where}: text encoder architecture {name!r}{family} is not supported; twindiff "
-            f"trains models whose text encoder is one of: {', '.join(TEXT_ENCODERS)}"
+    return TEXT_ENCODERS[model_folders.text_encoder_class_name(config, where)]
+
+
+def _caused_by_damage(error: BaseException) -> bool:
+    # diffusers re-raises inside its own handler, so the cause may sit in __context__.
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, _DAMAGE):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _damaged_files_named(
+    flag: str, source: str, subfolder: str | None, *, local: str | None
+) -> Iterator[None]:
+    """Turns a load that failed on a damaged (truncated, malformed) file into a ConfigError."""
+    try:
+        yield
+    except _LOAD_ERRORS as err:
+        if not _caused_by_damage(err):
+            raise
+        message = model_folders.damaged_component_message(
+            flag, source, subfolder, local=local, detail=str(err)
         )
-    return TEXT_ENCODERS[name]
+        raise ConfigError(message) from err
 
 
 def _pretrained(cfg: TrainConfig) -> Components:
@@ -195,24 +180,28 @@ def _pretrained(cfg: TrainConfig) -> Components:
     if m.pretrained_vae_name_or_path is None:
         subfolders.append("vae")
     local = {sub: resolve_component(base, sub, flag=BASE_FLAG) for sub in subfolders}
-    tokenizer_dir = _tokenizer_dir(cfg)
+    tokenizer_dir = model_folders.tokenizer_dir(cfg)
     _warn_ignored(cfg, _RANDOM_INIT_CONFIGS, f"the weights of {BASE_FLAG}")
     hub = {"revision": m.revision, "cache_dir": cfg.data.cache_dir}
-    scheduler = diffusers.DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
+
+    def load(subfolder: str, from_pretrained: Callable[..., T], **kwargs: Any) -> T:
+        with _damaged_files_named(BASE_FLAG, base, subfolder, local=local[subfolder]):
+            return from_pretrained(base, subfolder=subfolder, **{**hub, **kwargs})
+
+    scheduler = load("scheduler", diffusers.DDPMScheduler.from_pretrained)
     te_config = _read_text_encoder_config(cfg, base, local["text_encoder"])
     te_class = text_encoder_class(te_config, f"{BASE_FLAG} {base}")
-    text_encoder = te_class.from_pretrained(
-        base, subfolder="text_encoder", variant=m.variant, **hub
-    )
+    text_encoder = load("text_encoder", te_class.from_pretrained, variant=m.variant)
     vae = _pretrained_vae(cfg)
     if vae is None:
-        vae = diffusers.AutoencoderKL.from_pretrained(
-            base, subfolder="vae", variant=m.variant, **hub
-        )
+        vae = load("vae", diffusers.AutoencoderKL.from_pretrained, variant=m.variant)
     # text2image trains from the non-EMA weights when the base keeps them at another revision.
     unet_revision = (m.non_ema_revision or m.revision) if cfg.task == "text2image" else m.revision
-    unet = diffusers.UNet2DConditionModel.from_pretrained(
-        base, subfolder="unet", variant=m.variant, **{**hub, "revision": unet_revision}
+    unet = load(
+        "unet",
+        diffusers.UNet2DConditionModel.from_pretrained,
+        variant=m.variant,
+        revision=unet_revision,
     )
     return Components(unet, scheduler, vae, text_encoder, tokenizer_dir, base=base)
 
@@ -221,47 +210,16 @@ def _pretrained_vae(cfg: TrainConfig) -> diffusers.AutoencoderKL | None:
     path = cfg.model.pretrained_vae_name_or_path
     if path is None:
         return None
-    local = resolve_component(path, None, flag="--pretrained_vae_name_or_path")
+    flag = "--pretrained_vae_name_or_path"
+    local = resolve_component(path, None, flag=flag)
     # As train_text_to_image_sdxl.py: the separate VAE also gets --revision/--variant.
-    return diffusers.AutoencoderKL.from_pretrained(
-        local or path,
-        revision=cfg.model.revision,
-        variant=cfg.model.variant,
-        cache_dir=cfg.data.cache_dir,
-    )
-
-
-def _tokenizer_dir(cfg: TrainConfig) -> str:
-    """A local folder with the tokenizer files: --tokenizer_name, else the base's tokenizer/."""
-    import huggingface_hub
-
-    m, cache_dir = cfg.model, cfg.data.cache_dir
-    if m.tokenizer_name is not None:
-        local = resolve_component(m.tokenizer_name, None, flag="--tokenizer_name")
-        if local is None:
-            local = huggingface_hub.snapshot_download(
-                m.tokenizer_name,
-                allow_patterns=list(TOKENIZER_FILES),
-                revision=m.revision,
-                cache_dir=cache_dir,
-            )
-        # A pipeline folder given as --tokenizer_name: its tokenizer/ holds the files.
-        has_files = any(os.path.isfile(os.path.join(local, f)) for f in TOKENIZER_FILES[:3])
-        nested = os.path.join(local, "tokenizer")
-        return nested if not has_files and os.path.isdir(nested) else local
-    base = m.pretrained_model_name_or_path
-    if base is None:
-        raise ValueError(
-            f"{cfg.task} without {BASE_FLAG} needs --tokenizer_name (a tokenizer folder or hub "
-            "id; `twindiff demo` writes a tiny one)"
+    with _damaged_files_named(flag, path, None, local=local):
+        return diffusers.AutoencoderKL.from_pretrained(
+            local or path,
+            revision=cfg.model.revision,
+            variant=cfg.model.variant,
+            cache_dir=cfg.data.cache_dir,
         )
-    local = resolve_component(base, "tokenizer", flag=BASE_FLAG)
-    if local is not None:
-        return local
-    snapshot = huggingface_hub.snapshot_download(
-        base, allow_patterns=["tokenizer/*"], revision=m.revision, cache_dir=cache_dir
-    )
-    return os.path.join(snapshot, "tokenizer")
 
 
 def _from_configs(cfg: TrainConfig) -> Components:
@@ -273,19 +231,19 @@ def _from_configs(cfg: TrainConfig) -> Components:
         if getattr(m, name) is None and not (name == "vae_config" and pretrained_vae is not None)
     ]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.task} needs a model: give {BASE_FLAG} (a hub id or a diffusers pipeline "
             "folder), or a model YAML that defines unet_config, vae_config, text_encoder_config "
             f"and scheduler_config, such as configs/models/tiny.yaml (missing: {', '.join(missing)})"
         )
-    tokenizer_dir = _tokenizer_dir(cfg)
-    unet_config = _check_class(thaw(m.unet_config), "UNet2DConditionModel", "unet_config")
+    tokenizer_dir = model_folders.tokenizer_dir(cfg)
+    unet_config = check_class(thaw(m.unet_config), "UNet2DConditionModel", "unet_config")
     te_config = thaw(m.text_encoder_config)
     te_class = text_encoder_class(te_config, "text_encoder_config")
     # CLIPTextConfig takes `architectures`; `model_type` is a class attribute, not an argument.
     te_config.pop("model_type", None)
     scheduler = diffusers.DDPMScheduler.from_config(
-        _check_class(thaw(m.scheduler_config), "DDPMScheduler", "scheduler_config")
+        check_class(thaw(m.scheduler_config), "DDPMScheduler", "scheduler_config")
     )
 
     def build():
@@ -293,24 +251,13 @@ def _from_configs(cfg: TrainConfig) -> Components:
         unet = diffusers.UNet2DConditionModel.from_config(unet_config)
         vae = pretrained_vae
         if vae is None:
-            vae_config = _check_class(thaw(m.vae_config), "AutoencoderKL", "vae_config")
+            vae_config = check_class(thaw(m.vae_config), "AutoencoderKL", "vae_config")
             vae = diffusers.AutoencoderKL.from_config(vae_config)
         text_encoder = te_class(te_class.config_class(**te_config))
         return unet, vae, text_encoder
 
     unet, vae, text_encoder = _seeded(cfg, build)
     return Components(unet, scheduler, vae, text_encoder, tokenizer_dir, base=None)
-
-
-def _check_vocab(tokenizer_dir: str, text_encoder: torch.nn.Module) -> None:
-    vocab_size = ClipTokenizer.from_pretrained(tokenizer_dir, subfolder=None).vocab_size
-    embeddings = text_encoder.config.vocab_size
-    if vocab_size > embeddings:
-        raise ValueError(
-            f"the tokenizer in {tokenizer_dir} has {vocab_size} tokens but the text encoder embeds "
-            f"only {embeddings}: use the model's own tokenizer or a text_encoder_config with "
-            f"vocab_size >= {vocab_size}"
-        )
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

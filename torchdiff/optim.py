@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from shared.config import TrainConfig
+from shared.run import lr
 
 # Every key of `EMAModel.state_dict()`: a checkpoint missing one would be filled silently from the
 # live object by `EMAModel.load_state_dict`, which is a wrong resume, so loading requires them all.
@@ -63,45 +63,73 @@ def build_optimizer(
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, max_train_steps: int
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    max_train_steps: int,
+    start_step: int = 0,
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The `--lr_scheduler` schedule of diffusers' `get_scheduler` over `max_train_steps`.
+    """The `--lr_scheduler` schedule over `max_train_steps` updates, positioned at `start_step`.
+
+    The multiplier of each update is `shared.run.lr.lr_multiplier`, the numpy reference that
+    equals diffusers' `get_scheduler` at every update (tested) and that the flax backend follows
+    too. The LR is a function of the step alone, so a resumed run builds its scheduler at the
+    resumed step from its own (possibly changed) flags instead of loading a saved one: a new
+    `--learning_rate` or schedule takes effect from there, and an unchanged one continues exactly.
 
     Warmup (`--lr_warmup_steps`) and the total are counted in optimizer updates: the trainer calls
-    `step()` exactly once per update, never per micro-batch nor once per process. diffusers' scripts
-    instead multiply both counts by `num_processes` because accelerate's `AcceleratedScheduler`
-    steps the wrapped scheduler `num_processes` times per update; so this scheduler must not be
-    passed through `accelerator.prepare` (or the Accelerator must be built with
-    `step_scheduler_with_optimizer=False`).
-
-    diffusers' schedules as they are: `constant` ignores the warmup; `cosine` is a half cosine and
-    ignores `--lr_num_cycles` (only `cosine_with_restarts` reads it); `polynomial` decays to a fixed
-    `lr_end=1e-7` and reads `--lr_power`.
+    `step()` exactly once per update, never per micro-batch nor once per process (diffusers'
+    scripts multiply both by `num_processes` to undo accelerate's `AcceleratedScheduler`, so this
+    scheduler is not passed through `accelerator.prepare`).
 
     Args:
-      optimizer: the optimizer whose param-group lrs are scheduled (its `lr` is the peak).
+      optimizer: the optimizer whose param groups are scheduled; their `lr` is set to the peak
+        learning rate (`initial_lr`) times the multiplier of `start_step`.
       cfg: the run config; reads `cfg.optim`.
       max_train_steps: total optimizer updates (`RunPlan.max_train_steps`).
+      start_step: updates already done (0, or the resumed step).
 
-    Returns:
-      A `LambdaLR`. Its `state_dict()` resumes exactly when loaded together with the optimizer's
-      state (which holds the param groups' current lr until the next `step()`).
+    Raises:
+      ConfigError: a schedule that would fail mid-run (polynomial with warmup == total, ...).
     """
     o = cfg.optim
-    if o.lr_scheduler == "polynomial" and o.lr_warmup_steps == max_train_steps:
-        # diffusers divides by (total - warmup) at the last step: a ZeroDivisionError mid-run.
-        raise ValueError(
-            f"--lr_scheduler=polynomial needs --lr_warmup_steps ({o.lr_warmup_steps}) below the "
-            f"total optimizer steps ({max_train_steps}); lower the warmup or train longer"
+    base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        lr.check_schedule(o, base_lr=base, total_steps=max_train_steps)
+        group["initial_lr"] = base
+
+    def multiplier(step: int) -> float:
+        return lr.lr_multiplier(
+            o.lr_scheduler,
+            step,
+            warmup_steps=o.lr_warmup_steps,
+            total_steps=max_train_steps,
+            num_cycles=o.lr_num_cycles,
+            power=o.lr_power,
+            base_lr=base_lrs[0],
         )
-    return get_scheduler(
-        o.lr_scheduler,
-        optimizer,
-        num_warmup_steps=o.lr_warmup_steps,
-        num_training_steps=max_train_steps,
-        num_cycles=o.lr_num_cycles,
-        power=o.lr_power,
-    )
+
+    # last_epoch = start_step - 1: the constructor's own first step() lands on start_step.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier, last_epoch=start_step - 1)
+
+
+def apply_hyperparameters(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, learning_rate: float
+) -> None:
+    """Sets the config's AdamW hyperparameters and peak LR on every param group.
+
+    Loading an optimizer checkpoint restores the saved groups' values; calling this afterwards
+    makes the resumed run's flags take effect (`shared.run.resume`).
+    """
+    o = cfg.optim
+    for group in optimizer.param_groups:
+        group.update(
+            initial_lr=learning_rate,
+            lr=learning_rate,
+            betas=(o.adam_beta1, o.adam_beta2),
+            weight_decay=o.adam_weight_decay,
+            eps=o.adam_epsilon,
+        )
 
 
 def build_ema(model: torch.nn.Module, cfg: TrainConfig) -> EMAModel | None:
@@ -149,7 +177,8 @@ def load_ema_state_dict(ema: EMAModel, state: dict[str, Any]) -> None:
     """Restores `ema` from `ema_state_dict` output (or `EMAModel.state_dict()` output).
 
     Shadow tensors are copied into the existing ones, so they keep their device, dtype and pinned
-    memory (`--offload_ema`). The checkpoint's decay settings win over the config's.
+    memory (`--offload_ema`). The checkpoint's decay settings are restored; a resumed run then
+    applies its own with `apply_ema_settings`.
 
     Raises:
       ValueError: a key is missing, or the shadow parameters do not match the model's.
@@ -174,3 +203,12 @@ def load_ema_state_dict(ema: EMAModel, state: dict[str, Any]) -> None:
     # Without shadow_params, EMAModel.load_state_dict keeps the tensors just filled and validates
     # and sets the scalars (it would otherwise deep-copy every tensor first).
     ema.load_state_dict({key: cast(state[key]) for key, cast in _EMA_SCALARS.items()})
+
+
+def apply_ema_settings(ema: EMAModel, cfg: TrainConfig) -> None:
+    """Sets `cfg.ema`'s decay settings on a (restored) EMA: a resumed run's flags take effect."""
+    e = cfg.ema
+    ema.decay = e.ema_max_decay
+    ema.use_ema_warmup = e.ema_use_warmup
+    ema.inv_gamma = e.ema_inv_gamma
+    ema.power = e.ema_power

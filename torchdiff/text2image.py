@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from shared import cli
 from torchdiff import trainer
 
-TASK = trainer.Task(name="text2image", text_conditioned=True)
+TASK = trainer.Task(name="text2image")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,24 +1,23 @@
-"""The one torch trainer: every task runs this loop; a `Task` says what differs.
+"""The one torch trainer: every task runs this loop; `shared.run` says what each event means.
+
+The file reads in three parts: `setup` builds a `Run` (models, data, optimizer, restored state),
+`train_step` is one optimizer update, and `train` is the loop that handles the events of
+`shared.run.events` after each update. Everything that is not tensor math (when to checkpoint or
+validate, the checkpoint folder, resume rules, signals, the non-finite policy, the LR and EMA
+decay values, class-image planning, the summary) is `shared.run`'s, so the flax trainer means
+the same thing.
 
 Accelerate owns processes, devices, mixed precision (frozen models in the half dtype, trained
 weights fp32) and gradient accumulation. The data comes from the shared loader, one shard per
 process, so the data position is two integers in every checkpoint: resume replays nothing.
-
-One optimizer update consumes exactly `--gradient_accumulation_steps` micro-batches from the
-loader's endless stream; the LR schedule, EMA, checkpoints and step-based validation advance per
-update. Epoch-based events (`--validation_epochs`, `--save_images_epochs`,
-`--save_model_epochs`) fire after the update in which the loader finishes an epoch e, when
-(e + 1) is a multiple of N; the final export and validation always run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
+import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,10 +27,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from shared import cli
+from shared import cli, hub
 from shared.config import ConfigError, TrainConfig
 from shared.data import build_loader, build_source
-from shared.plan import plan_run
+from shared.model_folders import to_latents
+from shared.plan import RunPlan, plan_run
+from shared.run import checkpoints, events, report, resume
+from shared.run.nonfinite import NonFiniteGuard
+from shared.run.output import prepare_output_dir
+from shared.run.process import ProcessGroup
+from shared.run.signals import StopSignal
+from shared.run.task import TaskSpec, task_spec
 from torchdiff import checkpoint, export, memory, models, optim, validation
 from torchdiff.conditioning import TextConditioner
 from torchdiff.diffusion import Objective
@@ -43,22 +49,59 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What a task module chooses; the loop is the same for all.
+    """What a task module adds to the shared `TaskSpec`.
 
     Attributes:
       name: "unconditional", "text2image" or "dreambooth".
-      text_conditioned: encode captions (and class prompts) for cross-attention.
       prepare: runs once after the models load and before the data is read (DreamBooth makes
         its missing class images here).
     """
 
     name: str
-    text_conditioned: bool
     prepare: Callable[[TrainConfig, models.Components, Any], None] | None = None
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything `setup` builds; `train_step` and the event handlers read it."""
+
+    cfg: TrainConfig
+    spec: TaskSpec
+    accelerator: Any
+    group: ProcessGroup
+    plan: RunPlan
+    components: models.Components
+    unet: torch.nn.Module  # as prepared by Accelerate (maybe DDP-wrapped)
+    text_encoder: torch.nn.Module | None
+    conditioner: TextConditioner | None
+    trained: list[torch.nn.Module]
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    objective: Objective
+    generator: torch.Generator
+    weight_dtype: torch.dtype
+    state: checkpoint.TrainingState
+    loader: Any
+    guard: NonFiniteGuard
+    step: int = 0
+    step_times: list[float] = dataclasses.field(default_factory=list)
+    last_image: Path | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.checkpoint.output_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
 def make_accelerator(cfg: TrainConfig):
+    """The Accelerator of `cfg`, after the checks that need to know the device."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(cfg.checkpoint.output_dir)
@@ -74,36 +117,32 @@ def make_accelerator(cfg: TrainConfig):
     project = ProjectConfiguration(
         project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging.logging_dir)
     )
-    return Accelerator(
+    # One process may train several configs (a notebook, the tests): Accelerate keeps the
+    # previous run's mixed precision and accumulation in process-wide singletons and refuses a
+    # change. The process group and device (PartialState) are kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         mixed_precision=cfg.training.mixed_precision,
         log_with=None if report_to == "none" else report_to,
         project_config=project,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Autocast to fp16 on a CPU fails inside the first step with a dtype error.
+        raise ConfigError(
+            "--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 (or no)"
+        )
+    return accelerator
 
 
-def _setup_logging(accelerator) -> None:
-    import diffusers
-    import transformers
-
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
-    )
+def _library_verbosity(accelerator) -> None:
     if not accelerator.is_local_main_process:
+        import diffusers
+        import transformers
+
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
-
-
-def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The flat config for the trackers (TensorBoard hparams take scalars only; no secrets)."""
-    flat = {}
-    for section, values in cli.to_dict(cfg).items():
-        for name, value in values.items() if isinstance(values, dict) else [(section, values)]:
-            if name in ("hub_token", "unet_config", "vae_config", "text_encoder_config"):
-                continue
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
 
 
 def _pixels(batch: dict[str, Any], key: str, device: torch.device) -> torch.Tensor:
@@ -114,67 +153,57 @@ def _pixels(batch: dict[str, Any], key: str, device: torch.device) -> torch.Tens
     return x.float() * 2.0 - 1.0
 
 
-class _StopSignal:
-    """SIGTERM (a preempted VM, a cluster's time limit) asks for a checkpoint and a clean exit."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _StopSignal:
-        # Not in the main thread (a notebook runner, a test harness) there is no handler to set.
-        with contextlib.suppress(ValueError):
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame) -> None:
-        logger.warning("SIGTERM: saving a checkpoint after this step, then exiting")
-        self.requested = True
-
-    def any(self, accelerator) -> bool:
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return bool(accelerator.gather(flag).max().item())
+# --- setup ------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, task: Task) -> Path:
-    """Trains as `cfg` says and writes the diffusers folder; returns `--output_dir`."""
+def setup(cfg: TrainConfig, task: Task) -> Run:
+    """Checks everything that can be checked, loads the models and data, restores a checkpoint.
+
+    Raises:
+      UserError subclasses for anything the user can fix, before any training happens.
+    """
     accelerator = make_accelerator(cfg)
-    _setup_logging(accelerator)
-    output_dir = Path(cfg.checkpoint.output_dir)
-    resume_from = checkpoint.resolve_resume(cfg)  # a bad path fails before any heavy work
+    report.setup_logging(is_main=accelerator.is_local_main_process)
+    _library_verbosity(accelerator)
+    group = checkpoint.process_group(accelerator)
+    spec = task_spec(cfg)
+    output_dir = prepare_output_dir(cfg, is_main=group.is_main)
+    group.barrier()
+    resume_from = checkpoints.find_resume(output_dir, cfg.checkpoint.resume_from_checkpoint)
+    start = 0
+    if resume_from is not None:
+        start = int(checkpoints.read_trainer_state(resume_from)["global_step"])
+        resume.check_resume_config(resume_from, cfg, step=start)
+    if cfg.hub.push_to_hub and group.is_main:
+        hub.check_access(cfg)  # before any heavy work: a bad token costs seconds, not a run
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
     memory.enable_tf32(cfg)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        cli.save_config(cfg, output_dir / "config.yaml")
     device = accelerator.device
 
     components = models.load_components(cfg)
     if task.prepare is not None:
         task.prepare(cfg, components, accelerator)
-    source = build_source(cfg)
+    with accelerator.main_process_first():  # the main process verifies images, the rest reuse it
+        source = build_source(cfg)
     n = accelerator.num_processes
     plan = plan_run(cfg, dataset_size=len(source), num_devices=n, num_processes=n)
     weight_dtype = HALF_DTYPES.get(accelerator.mixed_precision, torch.float32)
-    train_te = cfg.task == "dreambooth" and cfg.model.train_text_encoder
-    models.cast_frozen(components, weight_dtype, device, train_text_encoder=train_te)
+    models.cast_frozen(components, weight_dtype, device, train_text_encoder=spec.train_text_encoder)
     unet, text_encoder = components.unet, components.text_encoder
     unet.train()
-    if train_te:
+    if spec.train_text_encoder:
         text_encoder.train()
     memory.apply_memory_options(
-        cfg, unet=unet, text_encoder=text_encoder, train_text_encoder=train_te, device=device
+        cfg,
+        unet=unet,
+        text_encoder=text_encoder,
+        train_text_encoder=spec.train_text_encoder,
+        device=device,
     )
     conditioner = None
-    if task.text_conditioned:
+    if spec.text_conditioned:
         conditioner = TextConditioner(
             cfg, tokenizer_dir=components.tokenizer_dir, text_encoder=text_encoder, device=device
         )
@@ -182,36 +211,46 @@ def train(cfg: TrainConfig, task: Task) -> Path:
             prompts = [cfg.prompts.instance_prompt, cfg.prompts.class_prompt or "", ""]
             conditioner.pre_compute([*prompts, *cfg.validation_prompt_list], offload_to="cpu")
 
-    trained = [unet, text_encoder] if train_te else [unet]
+    trained = [unet, text_encoder] if spec.train_text_encoder else [unet]
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = optim.build_optimizer(params, cfg, learning_rate=plan.learning_rate)
-    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg, max_train_steps=plan.max_train_steps)
     ema = optim.build_ema(unet, cfg)
     if ema is not None:
         ema.to("cpu" if cfg.torch.offload_ema else device)
-    prepared = accelerator.prepare(*trained, optimizer)
-    trained, optimizer = list(prepared[:-1]), prepared[-1]
-    unet = trained[0]
-    if train_te:
-        text_encoder = conditioner.text_encoder = trained[1]
     generator = torch.Generator(device=device).manual_seed(cfg.seed + accelerator.process_index)
-    objective = Objective.from_config(cfg, components.noise_scheduler.config)
     state = checkpoint.TrainingState(
-        models={"unet": unet, **({"text_encoder": text_encoder} if train_te else {})},
+        models={
+            "unet": unet,
+            **({"text_encoder": text_encoder} if spec.train_text_encoder else {}),
+        },
         optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
         generator=generator,
         ema=ema,
         ema_state=optim.ema_state_dict,
         load_ema_state=optim.load_ema_state_dict,
-        scaler=accelerator.scaler,
     )
-
-    step, loader_state = 0, None
+    guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, str(output_dir))
+    loader_state = None
     if resume_from is not None:
-        restored = checkpoint.load(accelerator, resume_from, state)
-        step, loader_state = restored["global_step"], restored["loader_state"]
-        logger.info("resumed from %s at step %d", resume_from, step)
+        restored = checkpoint.load(resume_from, state, rank=accelerator.process_index)
+        guard.restore(restored["trainer_state"])
+        loader_state = restored["loader_state"]
+        logger.info("resumed from %s at step %d", resume_from, start)
+    # After a restore: the resumed run's own flags take effect (shared.run.resume).
+    optim.apply_hyperparameters(optimizer, cfg, learning_rate=plan.learning_rate)
+    if ema is not None:
+        optim.apply_ema_settings(ema, cfg)
+    lr_scheduler = optim.build_lr_scheduler(
+        optimizer, cfg, max_train_steps=plan.max_train_steps, start_step=start
+    )
+    prepared = accelerator.prepare(*trained, optimizer)
+    trained, optimizer = list(prepared[:-1]), prepared[-1]
+    state.optimizer, state.scaler = optimizer, accelerator.scaler
+    if resume_from is not None and accelerator.scaler is not None:
+        checkpoint.load_scaler(resume_from, accelerator.scaler)
+    unet = trained[0]
+    if spec.train_text_encoder:
+        text_encoder = conditioner.text_encoder = trained[1]
     loader = build_loader(
         cfg,
         source,
@@ -220,181 +259,270 @@ def train(cfg: TrainConfig, task: Task) -> Path:
         process_count=n,
         state=loader_state,
     )
-    if accelerator.is_main_process:
-        accelerator.init_trackers(cfg.logging.tracker_project_name, config=_tracker_config(cfg))
+    if group.is_main:
+        accelerator.init_trackers(
+            cfg.logging.tracker_project_name, config=report.tracker_config(cfg)
+        )
     logger.info(
-        "%s on %d process(es): %d examples, %d updates of %d examples (lr %g)",
+        "%s on %d process(es): %s; %d updates of %d examples (lr %g)",
         cfg.task,
         n,
-        len(source),
+        source.describe(),
         plan.max_train_steps,
         plan.effective_batch_size,
         plan.learning_rate,
     )
-
-    def compute_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pixels = _pixels(batch, "pixel_values", device)
-        prompts = list(batch["captions"])
-        if objective.prior_loss_weight is not None:
-            # Instance then class examples in one batch, one forward pass (as diffusers).
-            pixels = torch.cat([pixels, _pixels(batch, "class_pixel_values", device)])
-            prompts += list(batch["class_prompt"])
-        with torch.no_grad():
-            if components.vae is not None:
-                vae = components.vae
-                dist = vae.encode(pixels.to(weight_dtype)).latent_dist
-                shift = vae.config.get("shift_factor") or 0.0
-                latents = dist.sample(generator=generator)
-                clean = ((latents - shift) * vae.config.scaling_factor).float()
-            else:
-                clean = pixels
-        noised = objective.sample(clean, generator)
-        kwargs: dict[str, Any] = {}
-        if conditioner is not None:
-            with torch.set_grad_enabled(train_te and not conditioner.pre_computed):
-                kwargs["encoder_hidden_states"] = conditioner.encode(prompts).to(device)
-        if cfg.task == "dreambooth" and cfg.model.class_labels_conditioning == "timesteps":
-            kwargs["class_labels"] = noised.timesteps
-
-        def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            pred = unet(noisy, timesteps, **kwargs).sample
-            # Learned-variance UNets predict (mean, variance): train the mean half.
-            return pred[:, : clean.shape[1]] if pred.shape[1] == 2 * clean.shape[1] else pred
-
-        if cfg.task == "text2image" and cfg.diffusion.dream_training:
-            noised = objective.dream(
-                noised, predict, detail_preservation=cfg.diffusion.dream_detail_preservation
-            )
-        return objective.loss(predict(noised.noisy, noised.timesteps), noised)
-
-    def save_checkpoint(at: int) -> None:
-        checkpoint.save(
-            accelerator,
-            cfg,
-            state,
-            step=at,
-            loader_state=loader.state(),
-            plan_values=dataclasses.asdict(plan),
-        )
-
-    def validate(at: int, tag: str = "validation") -> Path | None:
-        return validation.run(
-            accelerator,
-            cfg,
-            components,
-            unet=unet,
-            text_encoder=text_encoder,
-            conditioner=conditioner,
-            ema=ema,
-            step=at,
-            tag=tag,
-            dtype=weight_dtype,
-        )
-
-    def export_pipeline(*, commit: str | None) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            plain = accelerator.unwrap_model(unet)
-            with validation.ema_weights(ema, plain):
-                export.save_pipeline(
-                    output_dir,
-                    components,
-                    unet=plain,
-                    text_encoder=accelerator.unwrap_model(text_encoder) if text_encoder else None,
-                    save_text_encoder=not (
-                        cfg.task == "dreambooth" and cfg.checkpoint.skip_save_text_encoder
-                    ),
-                )
-            if commit is not None and cfg.hub.push_to_hub:
-                from shared import hub
-
-                hub.push(cfg, commit_message=commit)
-        accelerator.wait_for_everyone()
-
-    stop = _StopSignal()
-    bar = tqdm(
-        total=plan.max_train_steps,
-        initial=step,
-        desc="steps",
-        disable=not accelerator.is_local_main_process,
+    return Run(
+        cfg=cfg,
+        spec=spec,
+        accelerator=accelerator,
+        group=group,
+        plan=plan,
+        components=components,
+        unet=unet,
+        text_encoder=text_encoder,
+        conditioner=conditioner,
+        trained=trained,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        ema=ema,
+        objective=Objective.from_config(cfg, components.noise_scheduler.config),
+        generator=generator,
+        weight_dtype=weight_dtype,
+        state=state,
+        loader=loader,
+        guard=guard,
+        step=start,
     )
-    accum = cfg.training.gradient_accumulation_steps
-    step_times: list[float] = []
-    last_image: Path | None = None
-    with loader, stop:
-        while step < plan.max_train_steps:
-            started = time.perf_counter()
-            epoch_before = loader.state()["epoch"]
-            losses, parts = [], {}
-            for _ in range(accum):
-                batch = next(loader)
-                with accelerator.accumulate(*trained):
-                    loss, metrics = compute_loss(batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                        optimizer.step()
-                        memory.zero_grad(optimizer, cfg)
-                losses.append(loss.detach())
-                for key, value in metrics.items():
-                    parts.setdefault(key, []).append(value)
-            lr_scheduler.step()
-            if ema is not None:
-                if cfg.torch.offload_ema:
-                    ema.to(device)
-                ema.step(accelerator.unwrap_model(unet).parameters())
-                if cfg.torch.offload_ema:
-                    ema.to("cpu")
-            step += 1
-            logs = {
-                "train/loss": accelerator.gather(torch.stack(losses).mean()[None]).mean().item(),
-                "train/lr": lr_scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
-            }
-            for key, values in parts.items():
-                mean = accelerator.gather(torch.stack(values).mean()[None]).mean()
-                logs[f"train/{key}"] = mean.item()
-            if ema is not None:
-                logs["train/ema_decay"] = ema.cur_decay_value
-            accelerator.log(logs, step=step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.3g}")
-            step_times.append(time.perf_counter() - started)  # the update alone, no saving
 
-            if step % cfg.checkpoint.checkpointing_steps == 0:
-                save_checkpoint(step)
-            finished = range(epoch_before, loader.state()["epoch"])
-            if _due(cfg.validation.validation_steps, [step]) or (
-                cfg.validation.validation_steps is None
-                and _due(_epoch_interval(cfg), [e + 1 for e in finished])
-            ):
-                last_image = validate(step) or last_image
-            if cfg.task == "unconditional" and _due(
-                cfg.checkpoint.save_model_epochs, [e + 1 for e in finished]
-            ):
-                export_pipeline(commit=f"Epoch {finished[-1]}")
-            if stop.any(accelerator):
-                if step % cfg.checkpoint.checkpointing_steps:
-                    save_checkpoint(step)
-                bar.close()
-                _end_training(accelerator)
-                logger.warning(
-                    "stopped by SIGTERM at step %d; resume with --resume_from_checkpoint latest",
-                    step,
+
+# --- the step ---------------------------------------------------------------------------------
+
+
+def compute_loss(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch and its parts (prior preservation: instance and prior)."""
+    spec, device = run.spec, run.device
+    pixels = _pixels(batch, "pixel_values", device)
+    prompts = list(batch["captions"])
+    if spec.prior_preservation:
+        # Instance then class examples in one batch, one forward pass (as diffusers).
+        pixels = torch.cat([pixels, _pixels(batch, "class_pixel_values", device)])
+        prompts += list(batch["class_prompt"])
+    with torch.no_grad():
+        if spec.latent:
+            vae = run.components.vae
+            z = vae.encode(pixels.to(run.weight_dtype)).latent_dist.sample(generator=run.generator)
+            clean = to_latents(
+                z,
+                scaling_factor=vae.config.scaling_factor,
+                shift_factor=vae.config.get("shift_factor"),
+            ).float()
+        else:
+            clean = pixels
+    noised = run.objective.sample(clean, run.generator)
+    kwargs: dict[str, Any] = {}
+    if run.conditioner is not None:
+        with torch.set_grad_enabled(spec.train_text_encoder and not run.conditioner.pre_computed):
+            kwargs["encoder_hidden_states"] = run.conditioner.encode(prompts).to(device)
+    if spec.class_labels == "timesteps":
+        kwargs["class_labels"] = noised.timesteps
+
+    def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        pred = run.unet(noisy, timesteps, **kwargs).sample
+        # Learned-variance UNets predict (mean, variance): train the mean half.
+        return pred[:, : clean.shape[1]] if pred.shape[1] == 2 * clean.shape[1] else pred
+
+    if spec.dream:
+        noised = run.objective.dream(
+            noised, predict, detail_preservation=run.cfg.diffusion.dream_detail_preservation
+        )
+    return run.objective.loss(predict(noised.noisy, noised.timesteps), noised)
+
+
+def train_step(run: Run, batches: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """One optimizer update over `--gradient_accumulation_steps` micro-batches; its metrics.
+
+    A non-finite loss or gradient skips the update (`shared.run.nonfinite`): the weights,
+    optimizer moments and EMA stay as they were; the LR schedule still advances.
+    """
+    accelerator, cfg = run.accelerator, run.cfg
+    lr = run.lr_scheduler.get_last_lr()[0]  # the LR this update uses
+    losses, parts = [], {}
+    loss_value, grad_norm, finite = math.nan, math.nan, False
+    for batch in batches:
+        with accelerator.accumulate(*run.trained):
+            loss, metrics = compute_loss(run, batch)
+            accelerator.backward(loss)
+            losses.append(loss.detach())
+            for key, value in metrics.items():
+                parts.setdefault(key, []).append(value)
+            if accelerator.sync_gradients:
+                grad_norm = float(accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm))
+                loss_value = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+                # fp16: the GradScaler skips an overflowing step itself and lowers its scale.
+                fp16 = accelerator.mixed_precision == "fp16"
+                finite = math.isfinite(loss_value) and (fp16 or math.isfinite(grad_norm))
+                if finite:
+                    run.optimizer.step()
+                memory.zero_grad(run.optimizer, cfg)
+    run.lr_scheduler.step()
+    if finite and run.ema is not None:
+        if cfg.torch.offload_ema:
+            run.ema.to(run.device)
+        run.ema.step(accelerator.unwrap_model(run.unet).parameters())
+        if cfg.torch.offload_ema:
+            run.ema.to("cpu")
+    run.step += 1
+    run.guard.record(step=run.step, finite=finite, loss=loss_value, grad_norm=grad_norm, lr=lr)
+    logs = {
+        "train/loss": loss_value,
+        "train/lr": lr,
+        "train/grad_norm": grad_norm,
+        "train/skipped_steps": run.guard.skipped,
+    }
+    for key, values in parts.items():
+        logs[f"train/{key}"] = accelerator.gather(torch.stack(values).mean()[None]).mean().item()
+    if run.ema is not None:
+        logs["train/ema_decay"] = run.ema.cur_decay_value
+    return logs
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run) -> Path:
+    return checkpoint.save(
+        run.output_dir,
+        run.state,
+        group=run.group,
+        step=run.step,
+        trainer_state={
+            "global_step": run.step,
+            "plan": dataclasses.asdict(run.plan),
+            **run.guard.state(),
+        },
+        config_text=cli.to_yaml(run.cfg),
+        loader_state=run.loader.state(),
+        limit=run.cfg.checkpoint.checkpoints_total_limit,
+    )
+
+
+def validate(run: Run, tag: str = "validation") -> None:
+    path = validation.run(
+        run.accelerator,
+        run.cfg,
+        run.components,
+        unet=run.unet,
+        text_encoder=run.text_encoder,
+        conditioner=run.conditioner,
+        ema=run.ema,
+        step=run.step,
+        tag=tag,
+        dtype=run.weight_dtype,
+    )
+    run.last_image = path or run.last_image
+
+
+def export_pipeline(run: Run, *, commit: str | None) -> None:
+    """Writes the diffusers folder (EMA weights with --use_ema); refuses non-finite weights."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if run.group.is_main:
+        if not run.state.finite():
+            from shared.errors import TrainingError
+
+            raise TrainingError(
+                f"the weights are not finite at step {run.step}: no export written; "
+                f"resume from the last good checkpoint with a lower --learning_rate"
+            )
+        plain = accelerator.unwrap_model(run.unet)
+        text_encoder = accelerator.unwrap_model(run.text_encoder) if run.text_encoder else None
+        with validation.ema_weights(run.ema, plain):
+            export.save_pipeline(
+                run.output_dir,
+                run.components,
+                unet=plain,
+                text_encoder=text_encoder,
+                save_text_encoder=run.spec.save_text_encoder,
+            )
+        if commit is not None and run.cfg.hub.push_to_hub:
+            hub.push(run.cfg, commit_message=commit)
+    accelerator.wait_for_everyone()
+
+
+def _stop_requested(run: Run, stop: StopSignal) -> bool:
+    """Whether any process got a stop signal: all stop at the same step."""
+    if run.group.count == 1:
+        return stop.requested is not None
+    flag = torch.tensor([float(stop.requested is not None)], device=run.device)
+    return bool(run.accelerator.gather(flag).max().item())
+
+
+def _next_batches(run: Run) -> list[dict[str, Any]]:
+    return [next(run.loader) for _ in range(run.cfg.training.gradient_accumulation_steps)]
+
+
+def train(cfg: TrainConfig, task: Task) -> Path:
+    """Trains as `cfg` says and writes the diffusers folder; returns `--output_dir`."""
+    with StopSignal() as stop:
+        run = setup(cfg, task)
+        bar = tqdm(
+            total=run.plan.max_train_steps,
+            initial=run.step,
+            desc="steps",
+            disable=not run.accelerator.is_local_main_process,
+        )
+        with run.loader, bar:  # the bar ends its line even when the run stops with an error
+            stop.start_training()
+            while run.step < run.plan.max_train_steps:
+                started = time.perf_counter()
+                epoch_before = run.loader.state()["epoch"]
+                logs = train_step(run, _next_batches(run))
+                run.step_times.append(time.perf_counter() - started)  # the update alone
+                run.accelerator.log(logs, step=run.step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.3g}")
+                due = events.after_update(
+                    cfg,
+                    step=run.step,
+                    epoch_before=epoch_before,
+                    epoch_after=run.loader.state()["epoch"],
                 )
-                return output_dir
-    bar.close()
-    export_pipeline(commit=None)
-    last_image = validate(step, tag="final") or last_image
-    if accelerator.is_main_process:
-        _write_summary(output_dir, step_times, device, plan.max_train_steps)
-        if cfg.hub.push_to_hub:
-            from shared import hub
-
-            images = [str(last_image.relative_to(output_dir))] if last_image else []
-            hub.push(cfg, commit_message="End of training", images=images)
-    _end_training(accelerator)
-    return output_dir
+                if due.checkpoint:
+                    save_checkpoint(run)
+                if due.validate:
+                    validate(run)
+                if due.export:
+                    export_pipeline(run, commit=f"Epoch {due.finished_epochs[-1]}")
+                if _stop_requested(run, stop):
+                    if not due.checkpoint:
+                        save_checkpoint(run)
+                    bar.close()
+                    _end_training(run.accelerator)
+                    logger.warning(
+                        "stopped by %s at step %d; resume with --resume_from_checkpoint latest",
+                        stop.requested or "a signal on another process",
+                        run.step,
+                    )
+                    return run.output_dir
+        export_pipeline(run, commit=None)
+        validate(run, tag="final")
+        if run.group.is_main:
+            report.write_summary(
+                run.output_dir,
+                steps=run.plan.max_train_steps,
+                step_times=run.step_times,
+                peak_memory_bytes=memory.peak_memory_bytes(run.device),
+                device=str(run.device),
+                skipped_steps=run.guard.skipped,
+            )
+            if cfg.hub.push_to_hub:
+                image = run.last_image
+                images = [str(image.relative_to(run.output_dir))] if image else []
+                hub.push(cfg, commit_message="End of training", images=images)
+        _end_training(run.accelerator)
+    return run.output_dir
 
 
 def _end_training(accelerator) -> None:
@@ -425,27 +553,3 @@ def main(task: Task, argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
-
-
-def _epoch_interval(cfg: TrainConfig) -> int | None:
-    if cfg.task == "unconditional":
-        return cfg.validation.save_images_epochs
-    return cfg.validation.validation_epochs
-
-
-def _due(interval: int | None, counts) -> bool:
-    return bool(interval) and any(c % interval == 0 for c in counts)
-
-
-def _write_summary(output_dir: Path, step_times: list[float], device, steps: int) -> None:
-    """train_summary.json: the step time (first step, with its warm-up, left out) and memory."""
-    timed = step_times[1:] or step_times
-    summary = {
-        "steps": steps,
-        "steps_this_run": len(step_times),
-        "mean_step_seconds": sum(timed) / len(timed) if timed else None,
-        "peak_memory_bytes": memory.peak_memory_bytes(device),
-        "device": str(device),
-    }
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    logger.info("summary: %s", summary)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from shared import cli
 from torchdiff import trainer
 
-TASK = trainer.Task(name="unconditional", text_conditioned=False)
+TASK = trainer.Task(name="unconditional")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,10 @@
-"""Validation images during training: sample with diffusers pipelines, save grids, log them.
+"""Validation images during training: the torch sampler of the shared validation plan.
 
-Latent tasks sample `StableDiffusionPipeline` with `--validation_scheduler` (20 steps for
-text2image, 25 for DreamBooth, as the reference scripts), the generator seeded with `--seed`;
-`--validation_prompts` give one image each, `--validation_prompt` gives
-`--num_validation_images`. Unconditional samples `DDPMPipeline` (`--eval_batch_size` images,
-`--ddpm_num_inference_steps`, generator seeded 0). EMA weights, when kept, are swapped in for the
-sampling and swapped back after. Images go to `output_dir/validation/<tag>-<step>.png` (one row
-per prompt) and to the trackers.
+`shared.run.validation` decides what a round samples (prompts, images per prompt, steps, seed)
+and where the grid goes; this module samples it with diffusers pipelines: `DDPMPipeline` for
+unconditional runs, `StableDiffusionPipeline` with `--validation_scheduler` for latent ones.
+EMA weights, when kept, are swapped in for the sampling and swapped back after. Images go to the
+grid PNG and to the trackers.
 """
 
 from __future__ import annotations
@@ -21,16 +19,9 @@ import torch
 
 from shared.config import TrainConfig
 from shared.grids import save_grid
+from shared.run.validation import ValidationPlan, grid_path, plan_validation, wants_validation
 
 logger = logging.getLogger(__name__)
-
-INFERENCE_STEPS = {"text2image": 20, "dreambooth": 25}
-
-
-def wants_validation(cfg: TrainConfig) -> bool:
-    if cfg.task == "unconditional":
-        return cfg.validation.eval_batch_size > 0
-    return bool(cfg.validation_prompt_list) and cfg.validation.num_validation_images > 0
 
 
 @contextlib.contextmanager
@@ -71,30 +62,31 @@ def sample_images(
     """Samples the validation images; returns (images (N, H, W, 3) float in [0, 1], rows)."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    if cfg.task == "unconditional":
+    plan = plan_validation(cfg)
+    if not plan.prompts:
         pipeline = DDPMPipeline(
             unet=unet, scheduler=DDPMScheduler.from_config(components.noise_scheduler.config)
         )
         pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device=device).manual_seed(0)
         out = pipeline(
-            generator=generator,
-            batch_size=cfg.validation.eval_batch_size,
-            num_inference_steps=cfg.validation.ddpm_num_inference_steps,
+            generator=torch.Generator(device=device).manual_seed(plan.seed),
+            batch_size=plan.images_per_prompt,
+            num_inference_steps=plan.num_inference_steps,
             output_type="np",
         )
-        return np.asarray(out.images), 1
-    return _sample_text_to_image(
-        cfg, components, unet, text_encoder, conditioner, device=device, dtype=dtype
+        return np.asarray(out.images), plan.rows
+    images = _sample_text_to_image(
+        cfg, plan, components, unet, text_encoder, conditioner, device=device, dtype=dtype
     )
+    return images, plan.rows
 
 
-def _sample_text_to_image(cfg, components, unet, text_encoder, conditioner, *, device, dtype):
+def _sample_text_to_image(
+    cfg, plan: ValidationPlan, components, unet, text_encoder, conditioner, *, device, dtype
+):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    prompts = cfg.validation_prompt_list
-    per_prompt = 1 if cfg.validation.validation_prompts else cfg.validation.num_validation_images
     pre_computed = conditioner is not None and conditioner.pre_computed
     pipeline = StableDiffusionPipeline(
         vae=components.vae,
@@ -107,7 +99,7 @@ def _sample_text_to_image(cfg, components, unet, text_encoder, conditioner, *, d
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(plan.seed)
     # Mixed precision: the trained models are fp32, the frozen ones in the half dtype.
     autocast = (
         torch.autocast(device.type, dtype=dtype)
@@ -115,36 +107,33 @@ def _sample_text_to_image(cfg, components, unet, text_encoder, conditioner, *, d
         else contextlib.nullcontext()
     )
     images = []
-    steps = INFERENCE_STEPS.get(cfg.task, 25)
     size = cfg.data.resolution
-    for prompt in prompts:
+    for prompt in plan.prompts:
         kwargs: dict[str, Any] = {"prompt": prompt}
         if pre_computed:
             kwargs = {
                 "prompt_embeds": conditioner.encode([prompt]).to(device, dtype),
                 "negative_prompt_embeds": conditioner.encode([""]).to(device, dtype),
             }
-        for _ in range(per_prompt):
+        for _ in range(plan.images_per_prompt):
             with autocast, torch.no_grad():
                 out = pipeline(
                     **kwargs,
-                    num_inference_steps=steps,
+                    num_inference_steps=plan.num_inference_steps,
                     generator=generator,
                     height=size,
                     width=size,
                     output_type="np",
                 )
             images.append(np.asarray(out.images[0]))
-    return np.stack(images), len(prompts)
+    return np.stack(images)
 
 
 def log_images(
     accelerator, cfg: TrainConfig, images: np.ndarray, *, rows: int, step: int, tag: str
 ) -> Path:
     """Saves the grid PNG and sends the images to TensorBoard / wandb."""
-    path = save_grid(
-        images, Path(cfg.checkpoint.output_dir) / "validation" / f"{tag}-{step:06d}.png", rows=rows
-    )
+    path = save_grid(images, grid_path(cfg, tag=tag, step=step), rows=rows)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, images, step, dataformats="NHWC")

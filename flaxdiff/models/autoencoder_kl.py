@@ -19,6 +19,7 @@ from flax import nnx, struct
 from flaxdiff.models.layers import Conv2d, GroupNorm, ModelOptions, activation, call_block
 from flaxdiff.models.model_config import DiffusersConfig
 from flaxdiff.models.unet_blocks import BlockArgs, UNetMidBlock2D, UpDecoderBlock2D, down_block
+from shared import model_folders
 
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
 SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -312,8 +313,13 @@ class AutoencoderKL(nnx.Module):
         """
         posterior = self.encode(images)
         z = posterior.mode() if key is None else posterior.sample(key)
-        return (z - self.shift_factor) * self.scaling_factor
+        return model_folders.to_latents(
+            z, scaling_factor=self.scaling_factor, shift_factor=self.config.shift_factor
+        )
 
     def images_from_latents(self, latents: jax.Array) -> jax.Array:
         """Inverse of `latents_from_images`: decode(latents / scaling_factor + shift_factor)."""
-        return self.decode(latents / self.scaling_factor + self.shift_factor)
+        z = model_folders.from_latents(
+            latents, scaling_factor=self.scaling_factor, shift_factor=self.config.shift_factor
+        )
+        return self.decode(z)

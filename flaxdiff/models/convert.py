@@ -29,7 +29,7 @@ from flax import nnx
 from flaxdiff.models import hub_files, weights_io
 from flaxdiff.models.layers import Buffer, ModelOptions, fill_random
 from flaxdiff.models.state_dict import load_torch_state_dict, torch_state_dict
-from shared import diffusers_format
+from shared import diffusers_format, model_folders
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ def class_name_of(config: Mapping[str, Any], *, source: str = "config") -> str:
     """The model class a diffusers (``_class_name``) or transformers (``architectures``) config names."""
     name = config.get("_class_name")
     if name is None:
-        architectures = config.get("architectures") or []
-        name = architectures[0] if architectures else None
-        if name is None and config.get("model_type") == "clip_text_model":
-            name = "CLIPTextModel"
+        name = model_folders.architecture_name(config)
+        # A text encoder neither backend trains is refused by the shared rule, which names its
+        # pipeline family: "use the torch backend" would be no fix for it.
+        if name in model_folders.UNSUPPORTED_TEXT_ENCODERS:
+            model_folders.text_encoder_class_name(config, source)
     if name not in MODEL_CLASSES:
         known = ", ".join(MODEL_CLASSES)
         raise ValueError(

@@ -15,8 +15,15 @@ from typing import Any
 import numpy as np
 
 from shared.config import TrainConfig
-from shared.data.loader import DataError, Loader, SampleError
-from shared.data.records import BadImageError, ImageRef, Record
+from shared.data import verify as _verify
+from shared.data.loader import Loader, SampleError
+from shared.data.records import (
+    BadImageError,
+    ImageRef,
+    LocalImages,
+    LocalImageSource,
+    Record,
+)
 from shared.data.sources import (
     Source,
     SubsetSource,
@@ -28,12 +35,41 @@ from shared.data.sources import (
     tfds_source,
 )
 from shared.data.transforms import ImageTransform, normalize
+from shared.errors import DataError
 
 TFDS_PREFIX = "tfds:"
 
 
-def build_source(cfg: TrainConfig) -> Source:
-    """The training examples of `cfg`: DreamBooth folders, a TFDS/HF dataset or an image folder."""
+def build_source(cfg: TrainConfig, *, verify: bool = True) -> Source:
+    """The training examples of `cfg`: DreamBooth folders, a TFDS/HF dataset or an image folder.
+
+    Local image folders (image folder, DreamBooth instance and class folders) are checked here,
+    before step 1: every image is decoded once (remembered in
+    ``<output_dir>/.twindiff/image-check.json``), unreadable ones are left out, and more than
+    ``--max_bad_image_fraction`` of a folder unreadable raises `DataError` (see
+    `shared.data.verify`). HF and TFDS datasets are not checked ahead.
+
+    Args:
+      cfg: the run's config.
+      verify: check local images; False for callers that only look at the source (a report, a
+        dry run) and will not train on it.
+
+    Raises:
+      DataError: the data cannot be read as configured (the message names the folder or file,
+        and the flag to change).
+      ConfigError: a flag value that cannot work, e.g. ``--max_train_samples 0``.
+    """
+    source = _unchecked_source(cfg)
+    if verify and isinstance(source, LocalImageSource):  # folders; not HF or TFDS datasets
+        source = _verify.verify_source(
+            source,
+            max_bad_fraction=cfg.data.max_bad_image_fraction,
+            cache_file=_verify.cache_path(cfg.checkpoint.output_dir),
+        )
+    return source
+
+
+def _unchecked_source(cfg: TrainConfig) -> Source:
     data = cfg.data
     if cfg.task == "dreambooth":
         prior = cfg.diffusion.with_prior_preservation
@@ -128,6 +164,7 @@ __all__ = [
     "ImageRef",
     "ImageTransform",
     "Loader",
+    "LocalImages",
     "Record",
     "SampleError",
     "Source",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Collection
 
-from shared.data.folder import check_index, count_images, list_images
-from shared.data.records import ImageRef, Record
+from shared.data.folder import check_index, count_images, excluded_note, list_images
+from shared.data.records import ImageRef, LocalImages, Record
+from shared.errors import ConfigError, DataError
 
 
 class DreamBoothSource:
@@ -24,13 +26,17 @@ class DreamBoothSource:
         instance_prompt: str,
         class_images: list[str] | None,
         class_prompt: str | None,
-        summary: str,
+        instance_dir: str,
+        class_dir: str | None = None,
+        excluded: int = 0,
     ):
+        self.instance_dir = instance_dir
+        self.class_dir = class_dir
+        self.excluded = excluded
         self._instance_images = instance_images
         self._instance_prompt = instance_prompt
         self._class_images = class_images or []
         self._class_prompt = class_prompt
-        self._summary = summary
 
     def __len__(self) -> int:
         return max(len(self._instance_images), len(self._class_images))
@@ -51,7 +57,62 @@ class DreamBoothSource:
         )
 
     def describe(self) -> str:
-        return self._summary
+        text = (
+            f"dreambooth {self.instance_dir}: {len(self._instance_images):,} instance images, "
+            f"prompt {self._instance_prompt!r}"
+        )
+        if self._class_images:
+            text += (
+                f"; prior preservation with {len(self._class_images):,} class images from "
+                f"{self.class_dir}, prompt {self._class_prompt!r}; {len(self):,} examples per epoch"
+            )
+        used = len(self._instance_images) + len(self._class_images)
+        return text + excluded_note(self.excluded, used=used)
+
+    def local_images(self) -> list[LocalImages]:
+        """The instance images, then the class images in use (`shared.data.verify` checks them)."""
+        groups = [
+            LocalImages(self.instance_dir, "--instance_data_dir", tuple(self._instance_images))
+        ]
+        if self._class_images:
+            groups.append(
+                LocalImages(str(self.class_dir), "--class_data_dir", tuple(self._class_images))
+            )
+        return groups
+
+    def without(self, paths: Collection[str]) -> DreamBoothSource:
+        """This source minus the images at `paths` (absolute); both lists keep their order.
+
+        The pairing rule is unchanged: record ``i`` pairs instance ``i % n_inst`` with class
+        ``i % n_class`` of the shortened lists, as if the excluded files had never been there.
+
+        Raises:
+          DataError: no instance image, or (with prior preservation) no class image, is left.
+        """
+        drop = {os.path.abspath(p) for p in paths}
+        instance = [p for p in self._instance_images if p not in drop]
+        classes = [p for p in self._class_images if p not in drop]
+        for before, after, folder, flag in (
+            (self._instance_images, instance, self.instance_dir, "--instance_data_dir"),
+            (self._class_images, classes, self.class_dir, "--class_data_dir"),
+        ):
+            if before and not after:
+                raise DataError(
+                    f"no readable image is left in {folder} (given by {flag}); replace the "
+                    "unreadable files"
+                )
+        removed = (
+            len(self._instance_images) + len(self._class_images) - len(instance) - len(classes)
+        )
+        return DreamBoothSource(
+            instance,
+            instance_prompt=self._instance_prompt,
+            class_images=classes or None,
+            class_prompt=self._class_prompt,
+            instance_dir=self.instance_dir,
+            class_dir=self.class_dir,
+            excluded=self.excluded + removed,
+        )
 
 
 def dreambooth_source(
@@ -82,16 +143,13 @@ def dreambooth_source(
       ``meta["class_prompt"]``.
 
     Raises:
-      ValueError: a missing prompt or flag, or a folder without images.
-      FileNotFoundError: a folder does not exist.
+      ConfigError: a missing prompt or flag, or ``num_class_images < 1``.
+      DataError: a folder is missing, a file, or holds no images.
     """
     if not instance_prompt:
-        raise ValueError("dreambooth needs --instance_prompt, e.g. 'a photo of sks dog'")
+        raise ConfigError("dreambooth needs --instance_prompt, e.g. 'a photo of sks dog'")
     instance_images = list_images(instance_data_dir, allow_empty=False, flag="--instance_data_dir")
-    summary = (
-        f"dreambooth {os.path.abspath(instance_data_dir)}: {len(instance_images):,} instance "
-        f"images, prompt {instance_prompt!r}"
-    )
+    instance_dir = _absolute(instance_data_dir)
     if not with_prior_preservation:
         if class_data_dir is not None or class_prompt is not None:
             warnings.warn(
@@ -103,32 +161,33 @@ def dreambooth_source(
             instance_prompt=instance_prompt,
             class_images=None,
             class_prompt=None,
-            summary=summary,
+            instance_dir=instance_dir,
         )
     if class_data_dir is None:
-        raise ValueError(
+        raise ConfigError(
             "--with_prior_preservation needs --class_data_dir (folder of class images)"
         )
     if not class_prompt:
-        raise ValueError("--with_prior_preservation needs --class_prompt, e.g. 'a photo of dog'")
+        raise ConfigError("--with_prior_preservation needs --class_prompt, e.g. 'a photo of dog'")
     if count_images(class_data_dir) == 0:
-        raise ValueError(
+        raise DataError(
             f"--class_data_dir {class_data_dir} has no class images (or does not exist); generate "
             f"them first (the trainer does so up to --num_class_images with --class_prompt "
             f"{class_prompt!r}) or point --class_data_dir at a folder of class images"
         )
     if num_class_images is not None and num_class_images < 1:
-        raise ValueError(f"--num_class_images must be at least 1, got {num_class_images}")
+        raise ConfigError(f"--num_class_images must be at least 1, got {num_class_images}")
     class_images = list_images(class_data_dir, flag="--class_data_dir")[:num_class_images]
-    summary += (
-        f"; prior preservation with {len(class_images):,} class images from "
-        f"{os.path.abspath(class_data_dir)}, prompt {class_prompt!r}; "
-        f"{max(len(instance_images), len(class_images)):,} examples per epoch"
-    )
     return DreamBoothSource(
         instance_images,
         instance_prompt=instance_prompt,
         class_images=class_images,
         class_prompt=class_prompt,
-        summary=summary,
+        instance_dir=instance_dir,
+        class_dir=_absolute(class_data_dir),
     )
+
+
+def _absolute(folder: str | os.PathLike) -> str:
+    # As `list_images` spells it, so that its paths start with this folder.
+    return os.path.abspath(os.path.expanduser(os.fspath(folder)))

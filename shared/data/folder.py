@@ -20,10 +20,11 @@ import dataclasses
 import json
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
-from shared.data.records import ImageRef, Record
+from shared.data.records import ImageRef, LocalImages, Record
+from shared.errors import DataError
 from shared.prompts import normalize_caption_field
 
 # Formats PIL opens; matched case-insensitively.
@@ -94,22 +95,24 @@ def _check_folder(folder: str | os.PathLike, flag: str | None) -> str:
     path = os.path.abspath(os.path.expanduser(os.fspath(folder)))
     via = f" (given by {flag})" if flag else ""
     if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"image folder {path}{via} does not exist; check {flag or 'the path'}"
-        )
+        raise DataError(f"image folder {path}{via} does not exist; check {flag or 'the path'}")
     if not os.path.isdir(path):
-        raise NotADirectoryError(f"{path}{via} is a file; {flag or 'the path'} must name a folder")
+        raise DataError(
+            f"{path}{via} is a file, not a folder; point {flag or 'the path'} at the folder that "
+            "holds the images"
+        )
     return path
 
 
-def _no_images_error(root: str, scan: _Scan, flag: str | None) -> ValueError:
+def _no_images_error(root: str, scan: _Scan, flag: str | None) -> DataError:
     via = f" (given by {flag})" if flag else ""
+    fix = f"add images to it or point {flag} at another folder" if flag else "add images to it"
     if not scan.n_found:
-        return ValueError(f"image folder {root}{via} is empty")
+        return DataError(f"image folder {root}{via} is empty; {fix}")
     shown = ", ".join(scan.found) + (", ..." if scan.n_found > len(scan.found) else "")
-    return ValueError(
+    return DataError(
         f"no images in {root}{via}: found {scan.n_found} other entries ({shown}); images must end "
-        f"in one of {', '.join(IMAGE_EXTENSIONS)}"
+        f"in one of {', '.join(IMAGE_EXTENSIONS)}; {fix}"
     )
 
 
@@ -132,8 +135,8 @@ def list_images(
       The image paths.
 
     Raises:
-      FileNotFoundError: `folder` does not exist.
-      ValueError: no images and not `allow_empty`; the message lists what the folder holds.
+      DataError: `folder` does not exist or is a file; no images and not `allow_empty` (the
+        message lists what the folder holds).
     """
     root = _check_folder(folder, flag)
     scan = _scan(root, recursive=recursive)
@@ -157,13 +160,14 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise DataError(
                     f"{path} line {line_number}: malformed JSON ({e.msg}); each line must be one "
                     'object such as {"file_name": "0001.png", "text": "a photo of a dog"}'
                 ) from None
             if not isinstance(row, dict):
-                raise ValueError(
-                    f"{path} line {line_number}: expected a JSON object, got {type(row).__name__}"
+                raise DataError(
+                    f"{path} line {line_number}: expected a JSON object, got "
+                    f'{type(row).__name__}; write each line as {{"file_name": ..., "text": ...}}'
                 )
             yield line_number, row
 
@@ -174,14 +178,17 @@ def _read_csv(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             for row in reader:
                 if None in row:  # more cells than header columns
-                    raise ValueError(
+                    raise DataError(
                         f"{path} line {reader.line_num}: {len(row) - 1 + len(row[None])} cells "
-                        f"but the header has {len(reader.fieldnames or ())} columns"
+                        f"but the header has {len(reader.fieldnames or ())} columns; quote cells "
+                        "that contain commas"
                     )
                 # An empty cell is a missing value, as pandas (and so HF) reads it.
                 yield reader.line_num, {k: (None if v == "" else v) for k, v in row.items()}
         except csv.Error as e:
-            raise ValueError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
+            raise DataError(
+                f"{path} line {reader.line_num}: malformed CSV ({e}); fix that line"
+            ) from None
 
 
 def _read_metadata(path: str) -> list[tuple[int, dict[str, Any]]]:
@@ -189,14 +196,16 @@ def _read_metadata(path: str) -> list[tuple[int, dict[str, Any]]]:
     try:
         return list(read(path))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DataError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
 
 
 def _columns_error(
     path: str, what: str, column: str, rows: list[tuple[int, dict[str, Any]]], flag: str
-) -> ValueError:
+) -> DataError:
     columns = sorted({key for _, row in rows for key in row if key is not None})
-    return ValueError(
+    return DataError(
         f"{path} has no {what} column {column!r}; its columns are {columns}. Pass the right one "
         f"with {flag}"
     )
@@ -224,13 +233,13 @@ def _metadata_captions(
             where = f"{path} line {line}"
             file_name = row.get(file_name_column)
             if not isinstance(file_name, str) or not file_name:
-                raise ValueError(
+                raise DataError(
                     f"{where}: {file_name_column!r} must be a non-empty string, got {file_name!r}"
                 )
             file_rel = posixpath.normpath(file_name.replace("\\", "/"))
             # As HF: no absolute paths, URLs or "..": a row cannot leave its metadata folder.
             if os.path.isabs(file_rel) or "://" in file_name or file_rel.split("/")[0] == "..":
-                raise ValueError(
+                raise DataError(
                     f"{where}: {file_name_column} {file_name!r} must be a path relative to the "
                     "metadata file, inside its folder"
                 )
@@ -238,15 +247,24 @@ def _metadata_captions(
             if rel not in listed:
                 full = os.path.join(root, rel)
                 if not os.path.isfile(full):
-                    raise FileNotFoundError(f"{where} names a missing image {file_name!r} ({full})")
+                    raise DataError(
+                        f"{where} names a missing image {file_name!r} ({full}); add the image or "
+                        "remove the row"
+                    )
                 if not _is_image(rel):
-                    raise ValueError(f"{where}: {file_name!r} is not an image ({IMAGE_EXTENSIONS})")
+                    raise DataError(
+                        f"{where}: {file_name!r} is not an image (images end in "
+                        f"{', '.join(IMAGE_EXTENSIONS)}); remove the row"
+                    )
                 continue  # an image the listing left out on purpose (hidden, not recursive)
-            cell = (
-                normalize_caption_field(row.get(caption_column), where=where)
-                if caption_column
-                else ()
-            )
+            try:
+                cell = (
+                    normalize_caption_field(row.get(caption_column), where=where)
+                    if caption_column
+                    else ()
+                )
+            except ValueError as e:  # the message already names the file and line
+                raise DataError(str(e)) from None
             captions.setdefault(rel, []).extend(cell)
     return captions
 
@@ -256,7 +274,9 @@ def _sidecar_captions(path: str) -> tuple[str, ...]:
         with open(path, encoding="utf-8-sig") as f:
             return tuple(line.strip() for line in f if line.strip())
     except UnicodeDecodeError as e:
-        raise ValueError(f"caption file {path} is not UTF-8 text ({e.reason})") from None
+        raise DataError(
+            f"caption file {path} is not UTF-8 text ({e.reason}); save it as UTF-8"
+        ) from None
 
 
 def check_index(index: int, length: int) -> int:
@@ -269,13 +289,29 @@ def check_index(index: int, length: int) -> int:
     return position
 
 
+def excluded_note(excluded: int, *, used: int) -> str:
+    """The ``describe()`` suffix of a source that dropped unreadable images ("" for none)."""
+    if not excluded:
+        return ""
+    return f"; {excluded:,} unreadable image{'s' if excluded > 1 else ''} excluded ({used:,} used)"
+
+
 class ImageFolderSource:
     """A local image folder: one record per image, images as file paths."""
 
     def __init__(
-        self, root: str, images: list[str], captions: list[tuple[str, ...]], *, summary: str
+        self,
+        root: str,
+        images: list[str],
+        captions: list[tuple[str, ...]],
+        *,
+        summary: str,
+        flag: str = "--train_data_dir",
+        excluded: int = 0,
     ):
         self.root = root
+        self.flag = flag
+        self.excluded = excluded
         self._images = images  # relative paths, kept short for pickling to workers
         self._captions = captions
         self._summary = summary
@@ -289,7 +325,34 @@ class ImageFolderSource:
         return Record(image=ImageRef(name=path, path=path), captions=self._captions[index])
 
     def describe(self) -> str:
-        return f"imagefolder {self.root}: {self._summary}"
+        return f"imagefolder {self.root}: {self._summary}{excluded_note(self.excluded, used=len(self))}"
+
+    def local_images(self) -> list[LocalImages]:
+        """This folder's images, in record order (`shared.data.verify` checks them)."""
+        paths = tuple(os.path.join(self.root, rel) for rel in self._images)
+        return [LocalImages(folder=self.root, flag=self.flag, paths=paths)]
+
+    def without(self, paths: Collection[str]) -> ImageFolderSource:
+        """This source minus the images at `paths` (absolute), the others in the same order.
+
+        Raises:
+          DataError: no image would be left.
+        """
+        drop = {os.path.abspath(p) for p in paths}
+        keep = [i for i, rel in enumerate(self._images) if os.path.join(self.root, rel) not in drop]
+        if not keep:
+            raise DataError(
+                f"no readable image is left in {self.root} (given by {self.flag}); replace the "
+                "unreadable files"
+            )
+        return ImageFolderSource(
+            self.root,
+            [self._images[i] for i in keep],
+            [self._captions[i] for i in keep],
+            summary=self._summary,
+            flag=self.flag,
+            excluded=self.excluded + len(self._images) - len(keep),
+        )
 
 
 def image_folder_source(
@@ -314,16 +377,15 @@ def image_folder_source(
       The source, in sorted order of relative image path.
 
     Raises:
-      FileNotFoundError: `root` is missing, or a metadata row names a missing image.
-      ValueError: no images; malformed metadata; a missing column (the message lists those
-        that exist).
+      DataError: `root` is missing or a file; no images; malformed metadata; a row naming a
+        missing image; a missing column (the message lists those that exist).
     """
     root = _check_folder(root, flag)
     scan = _scan(root, recursive=recursive)
     if not scan.images:
         raise _no_images_error(root, scan, flag)
     if scan.unsupported_metadata:
-        raise ValueError(
+        raise DataError(
             f"{os.path.join(root, scan.unsupported_metadata[0])} is not read by the image folder "
             "source; load the folder with --dataset_name (HF datasets) or convert it to "
             "metadata.jsonl"
@@ -350,11 +412,13 @@ def image_folder_source(
             captions.append(cell)
             counts["txt" if cell else "none"] += 1
     if not images:
-        raise ValueError(
+        raise DataError(
             f"no image of {root} is named in its metadata files ({', '.join(scan.metadata)}): "
             f"{counts['skipped']} images skipped. Add rows with a {file_name_column!r} column"
         )
-    return ImageFolderSource(root, images, captions, summary=_summary(len(images), counts))
+    return ImageFolderSource(
+        root, images, captions, summary=_summary(len(images), counts), flag=flag
+    )
 
 
 def _covered(rel: str, metadata_dirs: set[str]) -> bool:

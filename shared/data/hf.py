@@ -14,6 +14,7 @@ import numpy as np
 
 from shared.data.folder import check_index, list_images
 from shared.data.records import ImageRef, Record
+from shared.errors import ConfigError, DataError
 from shared.prompts import normalize_caption_field
 
 _SAVED_DATASET_FILES = ("state.json", "dataset_info.json")  # written by Dataset.save_to_disk
@@ -41,7 +42,7 @@ def _load_from_disk(datasets, path: str, split: str, flag: str):
     if not isinstance(loaded, datasets.DatasetDict):
         return loaded  # one saved Dataset is used whole: it has no splits to choose from
     if split not in loaded:
-        raise ValueError(
+        raise DataError(
             f"{flag} {path} (saved with save_to_disk) has no split {split!r}; its splits are "
             f"{sorted(loaded)}. Choose one with --dataset_split"
         )
@@ -62,8 +63,9 @@ def _load(
         if os.path.isdir(local) and _is_saved_to_disk(local):
             return _load_from_disk(datasets, local, split, "--dataset_name")
         if dataset_name.startswith(("/", "./", "../", "~")) and not os.path.exists(local):
-            raise FileNotFoundError(
-                f"--dataset_name {dataset_name} looks like a local path but does not exist"
+            raise DataError(
+                f"--dataset_name {dataset_name} looks like a local path but does not exist; "
+                "check the path, or give a hub name such as 'lambdalabs/naruto-blip-captions'"
             )
         return datasets.load_dataset(
             dataset_name,
@@ -73,7 +75,7 @@ def _load(
             split=split,
         )
     if train_data_dir is None:
-        raise ValueError(
+        raise ConfigError(
             "no training data: give --dataset_name (a hub name or a local dataset folder) or "
             "--train_data_dir (a local image folder)"
         )
@@ -122,9 +124,9 @@ def _image_kind(datasets, feature, column: str) -> str:
         return "bytes"
     if not isinstance(feature, datasets.Value) and _leaf_dtype(datasets, feature) is not None:
         return "array"
-    raise ValueError(
+    raise DataError(
         f"--image_column {column!r} holds {feature}; expected images (datasets.Image), file "
-        "paths, encoded image bytes or pixel arrays"
+        "paths, encoded image bytes or pixel arrays; choose another column with --image_column"
     )
 
 
@@ -134,8 +136,9 @@ def _check_caption_feature(datasets, feature, column: str) -> None:
     inner = _inner(feature)
     if isinstance(inner, datasets.Value) and inner.dtype in _TEXT:
         return
-    raise ValueError(
-        f"--caption_column {column!r} holds {feature}; it must hold strings or lists of strings"
+    raise DataError(
+        f"--caption_column {column!r} holds {feature}; it must hold strings or lists of strings; "
+        "choose another column with --caption_column"
     )
 
 
@@ -146,13 +149,13 @@ def _image_ref(value: Any, name: str) -> ImageRef:
             return ImageRef(name=label, data=value["bytes"])
         if value.get("path") is not None:
             return ImageRef(name=value["path"], path=value["path"])
-        raise ValueError(f"{name}: image has neither bytes nor a path")
+        raise DataError(f"{name}: image has neither bytes nor a path; fix or drop that row")
     if isinstance(value, bytes):
         return ImageRef(name=name, data=value)
     if isinstance(value, str):
         return ImageRef(name=value, path=value)
     if value is None:
-        raise ValueError(f"{name}: the image is missing (None)")
+        raise DataError(f"{name}: the image is missing (None); fix or drop that row")
     return ImageRef(name=name, array=np.asarray(value))
 
 
@@ -189,7 +192,10 @@ class HFDatasetSource:
         captions = ()
         if self._caption_column is not None:
             where = f"{name} column {self._caption_column!r}"
-            captions = normalize_caption_field(row[self._caption_column], where=where)
+            try:
+                captions = normalize_caption_field(row[self._caption_column], where=where)
+            except ValueError as e:  # the message already names the row and column
+                raise DataError(str(e)) from None
         return Record(image=image, captions=captions)
 
     def describe(self) -> str:
@@ -230,11 +236,12 @@ def hf_dataset_source(
       The source.
 
     Raises:
-      ValueError: no data given, a missing or unusable column (the message lists the columns).
-      FileNotFoundError: a local folder does not exist.
+      ConfigError: no data given, or ``max_train_samples < 1``.
+      DataError: a local folder does not exist; a missing split; a missing or unusable column
+        (the message lists the columns).
     """
     if max_train_samples is not None and max_train_samples < 1:
-        raise ValueError(f"--max_train_samples must be at least 1, got {max_train_samples}")
+        raise ConfigError(f"--max_train_samples must be at least 1, got {max_train_samples}")
     datasets = _import_datasets()
     dataset_name, train_data_dir, cache_dir = (
         None if p is None else os.fspath(p) for p in (dataset_name, train_data_dir, cache_dir)
@@ -249,9 +256,9 @@ def hf_dataset_source(
     )
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if column is not None and column not in dataset.column_names:
-            raise ValueError(
+            raise DataError(
                 f"{flag} {column!r} is not a column of the dataset; its columns are "
-                f"{dataset.column_names}"
+                f"{dataset.column_names}. Pass the right one with {flag}"
             )
     columns = [image_column] + ([caption_column] if caption_column is not None else [])
     dataset = dataset.select_columns(columns)  # drop the rest; reads then touch only these

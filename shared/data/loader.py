@@ -45,7 +45,13 @@ here. Either would normally re-import the trainer's ``__main__`` module in every
 it JAX and torch: measured 2.0-2.4 s per start and 340 MB per worker instead of 0.25 s and 37 MB;
 the loader skips that import (see `_main_module_hidden`). Workers ignore SIGINT: Ctrl-C reaches
 the main process, which drops the work in flight; ``close()``, leaving the ``with`` block, garbage
-collection or interpreter exit stop the workers and free the shared memory.
+collection or interpreter exit stop the workers and free the shared memory. When the process that
+owns the loader dies without any of these (``kill -9``, the OOM killer, a preempted VM), a thread
+in each worker sees it (`_exit_with_owner`) and ends the worker; the forkserver then exits (it
+lives while its owner or a process it forked does), and so does multiprocessing's resource
+tracker, after unlinking the shared memory and semaphores left behind. Measured here: all gone
+20-85 ms after the kill; before, workers, forkserver and tracker stayed up (re-parented to init)
+with their ``/dev/shm`` files for good.
 """
 
 from __future__ import annotations
@@ -56,11 +62,13 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing
+import multiprocessing.connection
 import operator
 import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 import types
 import weakref
@@ -73,15 +81,12 @@ import numpy as np
 
 from shared.data import transforms
 from shared.data.records import BadImageError, Record
+from shared.errors import DataError
 from shared.prompts import select_caption
 
 logger = logging.getLogger(__name__)
 
 _BAD_NAMES_SHOWN = 5
-
-
-class DataError(RuntimeError):
-    """The dataset is unusable as configured (e.g. too many unreadable images)."""
 
 
 class SampleError(RuntimeError):
@@ -141,8 +146,34 @@ class _ForwardLogs(logging.Handler):
         _worker_logs.append((record.name, record.levelno, record.getMessage(), key))
 
 
+def _exit_with_owner() -> None:
+    """Blocks until the process that owns the loader is gone, then ends this worker at once.
+
+    Without this, a loader owner killed by SIGKILL (preemption, the OOM killer) leaves its
+    workers blocked on the task queue forever: the other workers hold its write end, so they
+    never see end-of-file. The owner is the worker's multiprocessing parent (for forkserver
+    workers that is the trainer, not the server that forked them), whose sentinel is a pipe
+    only the owner writes to: it reads end-of-file when the owner dies, however it dies. A
+    process the owner forked inherits that pipe and would keep it open, so on Linux a pidfd of
+    the owner is watched as well. Both wait in the kernel, so this costs nothing per sample.
+    """
+    owner = multiprocessing.parent_process()
+    if owner is None:  # not started by multiprocessing: nothing owns this process
+        return
+    waitables: list[Any] = [owner.sentinel]
+    # Absent before Python 3.9 / Linux 5.3 and off Linux. If the owner is already gone, the call
+    # fails (or, should its pid be reused already, watches a stranger) and the sentinel decides.
+    with contextlib.suppress(AttributeError, OSError):
+        waitables.append(os.pidfd_open(owner.pid))
+    multiprocessing.connection.wait(waitables)
+    # Nothing to save: the samples belong to a consumer that is gone, and the shared memory is
+    # unlinked by the resource tracker once the last process holding it has exited.
+    os._exit(1)
+
+
 def _worker_init(sys_path: list[str], payload: bytes) -> None:
     global _worker_job, _worker_init_error
+    threading.Thread(target=_exit_with_owner, name="loader-owner-watch", daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     logging.getLogger().addHandler(_ForwardLogs())
     # A forkserver child has the sys.path of the parent when the server started; the source's

@@ -7,7 +7,8 @@ workers, so a source of a million images opens in seconds and a bad file fails i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Collection
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -58,3 +59,32 @@ class Record:
     captions: tuple[str, ...] = ()
     extras: dict[str, ImageRef] = dataclasses.field(default_factory=dict)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalImages:
+    """Local image files a source reads from one folder the user named.
+
+    Attributes:
+      folder: the folder, absolute.
+      flag: the flag that named it (``--train_data_dir``, ``--instance_data_dir``, ...), quoted in
+        messages about its images.
+      paths: absolute paths of the images the source reads from it, in source order.
+    """
+
+    folder: str
+    flag: str
+    paths: tuple[str, ...]
+
+
+@runtime_checkable
+class LocalImageSource(Protocol):
+    """A source of local image files that can be checked before training (`shared.data.verify`)."""
+
+    def local_images(self) -> list[LocalImages]:
+        """The image files this source reads, grouped by the folder they come from."""
+        ...
+
+    def without(self, paths: Collection[str]) -> LocalImageSource:
+        """The same source minus the records reading any of `paths` (absolute), order kept."""
+        ...

@@ -16,6 +16,7 @@ import numpy as np
 
 from shared.data.folder import check_index
 from shared.data.records import ImageRef, Record
+from shared.errors import ConfigError, DataError
 
 _LAYOUT = (
     "{data_dir}/{name}/[<config>/]<version>/ with dataset_info.json, features.json and "
@@ -42,9 +43,9 @@ def _prepare_hint(name: str, data_dir: str) -> str:
     )
 
 
-def _missing_error(name: str, data_dir: str, reason: str) -> FileNotFoundError:
+def _missing_error(name: str, data_dir: str, reason: str) -> DataError:
     layout = _LAYOUT.format(data_dir=data_dir, name=name.split("/")[0].split(":")[0])
-    return FileNotFoundError(
+    return DataError(
         f"{reason}. --tfds_data_dir must hold {layout}; {_prepare_hint(name, data_dir)}"
     )
 
@@ -59,7 +60,10 @@ def _feature_at(features, key: str, flag: str):
     for part in _split_key(key):
         available = list(feature.keys()) if hasattr(feature, "keys") else []
         if part not in available:
-            raise ValueError(f"{flag} {key!r}: no feature {part!r}; the features are {available}")
+            raise DataError(
+                f"{flag} {key!r}: no feature {part!r}; the features are {available}. Choose one "
+                f"of them with {flag}"
+            )
         feature = feature[part]
     return feature
 
@@ -89,7 +93,10 @@ def _text(value: Any, feature, where: str) -> tuple[str, ...]:
     if isinstance(value, (list, tuple, np.ndarray)):
         inner = getattr(feature, "feature", feature)
         return tuple(c for v in value for c in _text(v, inner, where))
-    raise ValueError(f"{where}: caption {value!r} is not text (Text, ClassLabel or a list of them)")
+    raise DataError(
+        f"{where}: caption {value!r} is not text (Text, ClassLabel or a list of them); choose a "
+        "text feature with --caption_column"
+    )
 
 
 class TfdsSource:
@@ -159,12 +166,13 @@ def tfds_source(
       The source.
 
     Raises:
-      FileNotFoundError: `data_dir` or the dataset in it is missing (the message shows the
-        expected layout and how to prepare it).
-      ValueError: a missing feature or split, or a dataset not stored as array_record.
+      ConfigError: no `data_dir`.
+      DataError: `data_dir` or the dataset in it is missing (the message shows the expected
+        layout and how to prepare it); a missing feature or split; a dataset not stored as
+        array_record.
     """
     if data_dir is None:
-        raise ValueError(
+        raise ConfigError(
             f"TFDS dataset {name!r} needs --tfds_data_dir (the folder it was prepared in)"
         )
     from etils import epath  # a tfds dependency; also handles gs:// folders
@@ -191,20 +199,23 @@ def tfds_source(
             name, data_dir, f"{name!r} version {builder.version} is not prepared in {data_dir}"
         )
     features = builder.info.features
-    image_feature = _feature_at(features, image_key, "image_key")
-    caption_feature = _feature_at(features, caption_key, "caption_key") if caption_key else None
+    image_feature = _feature_at(features, image_key, "--image_column")
+    caption_feature = (
+        _feature_at(features, caption_key, "--caption_column") if caption_key else None
+    )
     decoders = None
     if isinstance(image_feature, tfds.features.Image):
         decoders = _nest(image_key, tfds.decode.SkipDecoding())
     try:
         data_source = builder.as_data_source(split=split, decoders=decoders)
     except NotImplementedError as e:  # prepared as TFRecord: no random access
-        raise ValueError(
+        raise DataError(
             f"TFDS {name!r} in {data_dir} is stored as {builder.info.file_format}, which has no "
             f"random access; {_prepare_hint(name, data_dir)}"
         ) from e
     except ValueError as e:  # unknown split
-        raise ValueError(f"TFDS {name!r}: {e} Choose it with --dataset_split") from None
+        reason = " ".join(str(e).split())  # one line: TFDS's message may wrap
+        raise DataError(f"TFDS {name!r}: {reason} Choose it with --dataset_split") from None
     caption_text = f"captions from {caption_key!r}" if caption_key else "no captions"
     summary = (
         f"tfds {name} (split {split!r}) from {data_dir}: {len(data_source):,} examples, "

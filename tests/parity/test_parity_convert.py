@@ -14,6 +14,7 @@ from parity_helpers import F32_REL, assert_parity, nchw_to_nhwc
 from flaxdiff.models import convert
 from flaxdiff.models.layers import ModelOptions
 from shared import demo
+from shared.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -163,6 +164,15 @@ def test_unknown_model_class_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
     with pytest.raises(ValueError, match=r"UNet3DConditionModel.*torch backend"):
         convert.from_diffusers(tmp_path)
+
+
+def test_unsupported_text_encoder_is_refused_by_the_shared_rule(tmp_path):
+    # Neither backend trains T5: the message names the family, not "use the torch backend".
+    config = {"architectures": ["T5EncoderModel"], "model_type": "t5"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"'T5EncoderModel' \(DeepFloyd IF\) is not supported"):
+        convert.from_diffusers(tmp_path)
+    assert convert.class_name_of({"model_type": "clip_text_model"}) == "CLIPTextModel"
 
 
 def test_export_replaces_a_model_and_keeps_the_rest(sd_folder, tmp_path):

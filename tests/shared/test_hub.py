@@ -67,3 +67,47 @@ def test_repo_id_defaults_to_the_output_folder_name(tmp_path):
     assert hub.repo_id(_cfg(tmp_path, hub_model_id="me/dogs")) == "me/dogs"
     card = hub.model_card(build("unconditional", "torch", {"train_data_dir": str(tmp_path)}))
     assert "license" not in card and "- ddpm" in card and "base_model" not in card
+
+
+def test_check_access_passes_and_returns_the_repo(tmp_path):
+    api = FakeApi()
+    api.whoami = lambda token=None: {"name": "someone"}
+    assert hub.check_access(_cfg(tmp_path, hub_model_id="me/dog"), api=api) == "someone/me/dog"
+    assert api.calls[0][0] == "create_repo"
+
+
+def test_check_access_fails_in_one_line_before_training(tmp_path):
+    import pytest
+
+    from shared.config import ConfigError
+
+    class Offline(FakeApi):
+        def whoami(self, token=None):
+            raise OSError("Failed to resolve 'huggingface.co'\nretrying...")
+
+    with pytest.raises(ConfigError) as info:
+        hub.check_access(_cfg(tmp_path), api=Offline())
+    message = str(info.value)
+    assert message.startswith("--push_to_hub: cannot use the Hub repo 'dog-model'")
+    assert "OSError: Failed to resolve 'huggingface.co'" in message and "\n" not in message
+
+
+def test_check_access_gives_up_after_the_timeout(tmp_path):
+    import threading
+    import time
+
+    import pytest
+
+    from shared.config import ConfigError
+
+    release = threading.Event()
+
+    class Hanging(FakeApi):
+        def whoami(self, token=None):
+            release.wait(10)
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="no answer from the Hub in 0 s"):
+        hub.check_access(_cfg(tmp_path), api=Hanging(), timeout=0.2)
+    release.set()
+    assert time.perf_counter() - started < 5

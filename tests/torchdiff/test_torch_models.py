@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from safetensors.torch import load_file
 from shared import config as C
 from shared import diffusers_format as fmt
 from shared.diffusers_format import check_pipeline_folder, read_model_index
+from shared.errors import ConfigError
+from shared.model_folders import DDPM_UNET_CONFIG, SUPPORTED_TEXT_ENCODERS
 from shared.prompts import ClipTokenizer
 from torchdiff import export
 from torchdiff.export import save_model_folder, save_pipeline
-from torchdiff.models import DDPM_UNET_CONFIG, cast_frozen, freeze, load_components
+from torchdiff.models import TEXT_ENCODERS, cast_frozen, freeze, load_components
 
 WEIGHTS = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -214,8 +217,89 @@ def test_t5_text_encoder_is_refused(torch_config, sd_copy):
     te_config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**te_config, "architectures": ["T5EncoderModel"]}))
     cfg = torch_config("text2image", "--pretrained_model_name_or_path", str(sd_copy), tiny=False)
-    with pytest.raises(NotImplementedError, match=r"T5EncoderModel.*DeepFloyd IF.*not supported"):
+    with pytest.raises(ConfigError, match=r"T5EncoderModel.*DeepFloyd IF.*not supported"):
         load_components(cfg)
+
+
+def test_every_supported_text_encoder_has_a_torch_class():
+    assert sorted(TEXT_ENCODERS) == sorted(SUPPORTED_TEXT_ENCODERS)
+    assert TEXT_ENCODERS["CLIPTextModel"] is transformers.CLIPTextModel
+
+
+def one_line_config_error(cfg) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_components(cfg)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("--pretrained_model_name_or_path ")
+    assert info.value.__cause__ is not None  # the loader's own error stays chained
+    return info.value
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["half", "empty"])
+def test_truncated_weights_name_the_file_and_the_fix(torch_config, sd_copy, part, keep):
+    weights = sd_copy / part / WEIGHTS[part]
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    cfg = torch_config("text2image", "--pretrained_model_name_or_path", str(sd_copy), tiny=False)
+    error = one_line_config_error(cfg)
+    assert f"{part}/{WEIGHTS[part]} is damaged" in str(error)
+    assert "re-download or re-export the model" in str(error)
+    # diffusers wraps safetensors' error in an OSError, transformers raises it as it is.
+    chain, cause = [], error.__cause__
+    while cause is not None:
+        chain.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    assert "SafetensorError" in chain
+
+
+@pytest.mark.parametrize(
+    "config_file", ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
+)
+def test_malformed_config_json_names_the_file(torch_config, sd_copy, config_file):
+    path = sd_copy / config_file
+    path.write_text(path.read_text()[:-20])  # cut mid-way, as an interrupted download
+    cfg = torch_config("text2image", "--pretrained_model_name_or_path", str(sd_copy), tiny=False)
+    error = one_line_config_error(cfg)
+    assert f"{config_file} is damaged (it is not valid JSON" in str(error)
+    assert isinstance(error.__cause__, OSError)  # diffusers' error, with the JSONDecodeError
+
+
+def test_malformed_text_encoder_config_names_the_file(torch_config, sd_copy):
+    path = sd_copy / "text_encoder" / "config.json"
+    path.write_text("{")
+    cfg = torch_config("text2image", "--pretrained_model_name_or_path", str(sd_copy), tiny=False)
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(path))} is not valid JSON .*re-download"
+    ) as info:
+        load_components(cfg)
+    assert isinstance(info.value.__cause__, json.JSONDecodeError)
+
+
+def test_truncated_separate_vae_names_its_flag(torch_config, sd_copy, tiny_sd_dir, tmp_path):
+    vae = Path(shutil.copytree(tiny_sd_dir / "vae", tmp_path / "vae"))
+    weights = vae / WEIGHTS["vae"]
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cfg = torch_config(
+        "text2image",
+        "--pretrained_model_name_or_path", str(sd_copy),
+        "--pretrained_vae_name_or_path", str(vae),
+        tiny=False,
+    )  # fmt: skip
+    pattern = rf"^--pretrained_vae_name_or_path {re.escape(str(vae))}: {WEIGHTS['vae']} is damaged"
+    with pytest.raises(ConfigError, match=pattern):
+        load_components(cfg)
+
+
+def test_other_load_errors_are_not_taken_for_damage(torch_config, sd_copy, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", offline)
+    cfg = torch_config("text2image", "--pretrained_model_name_or_path", str(sd_copy), tiny=False)
+    with pytest.raises(OSError, match="couldn't connect") as info:
+        load_components(cfg)
+    assert not isinstance(info.value, ConfigError)
 
 
 def test_missing_model_configs_give_both_fixes(torch_config, tiny_tokenizer_dir):

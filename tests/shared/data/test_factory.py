@@ -10,6 +10,12 @@ from shared import config as C
 from shared.data import build_loader, build_source, build_transform
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    # build_source remembers image checks under the default, relative --output_dir.
+    monkeypatch.chdir(tmp_path)
+
+
 def make_folder(root, n, *, captions=True):
     root.mkdir(parents=True)
     rows = []

@@ -23,6 +23,7 @@ from shared.data.sources import (
     list_images,
     tfds_source,
 )
+from shared.errors import ConfigError, DataError
 
 CAFE = "café ☕ 東京"
 
@@ -53,6 +54,15 @@ def _key(record: Record):
     array = None if image.array is None else (image.array.dtype.str, image.array.tobytes())
     extras = {k: (v.name, v.path, v.data) for k, v in record.extras.items()}
     return (image.name, image.path, image.data, array, record.captions, extras, record.meta)
+
+
+def _one_line(info: pytest.ExceptionInfo, *names: object) -> str:
+    """The message of a user error: a single line that names each of `names`."""
+    message = str(info.value)
+    assert "\n" not in message, message
+    for name in names:
+        assert str(name) in message, (name, message)
+    return message
 
 
 def _pixel(record: Record) -> int:
@@ -157,18 +167,25 @@ def test_listing_is_sorted_recursive_and_deterministic(tmp_path):
 def test_folder_errors_name_the_folder_and_flag(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match=f"{empty}.* is empty"):
+    with pytest.raises(DataError, match=f"{empty}.* is empty") as info:
         image_folder_source(empty)
+    _one_line(info, empty, "--train_data_dir")
     junk = tmp_path / "junk"
     for name in [".DS_Store", "notes.txt", "Thumbs.db"]:
         _write(junk / name, "x")
-    with pytest.raises(ValueError, match=rf"no images in {junk}.*\.DS_Store.*notes\.txt"):
+    with pytest.raises(DataError, match=rf"no images in {junk}.*\.DS_Store.*notes\.txt") as info:
         image_folder_source(junk)
-    with pytest.raises(FileNotFoundError, match="--train_data_dir"):
+    _one_line(info, "--train_data_dir", ".png")
+    with pytest.raises(DataError, match="does not exist") as info:
         image_folder_source(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="--instance_data_dir"):
+    _one_line(info, tmp_path / "missing", "--train_data_dir")
+    with pytest.raises(DataError, match="--instance_data_dir"):
         image_folder_source(tmp_path / "missing", flag="--instance_data_dir")
-    with pytest.raises(ValueError, match="no images"):
+    a_file = _png(tmp_path / "one.png")
+    with pytest.raises(DataError, match="is a file, not a folder") as info:
+        image_folder_source(a_file)
+    _one_line(info, a_file, "--train_data_dir")
+    with pytest.raises(DataError, match="no images"):
         list_images(junk, allow_empty=False)
     assert list_images(junk) == []
 
@@ -177,20 +194,21 @@ def test_folder_errors_name_the_folder_and_flag(tmp_path):
     ("name", "content", "error", "match"),
     [
         ("metadata.jsonl", '{"file_name": "a.png", "text": "ok"}\n{"file_name": "a.png",\n',
-         ValueError, r"metadata\.jsonl line 2: malformed JSON"),
+         DataError, r"metadata\.jsonl line 2: malformed JSON"),
         ("metadata.jsonl", '{"file_name": "a.png", "text": "a"}\n\n{"file_name": "gone.png"}\n',
-         FileNotFoundError, r"metadata\.jsonl line 3 names a missing image 'gone\.png'"),
+         DataError, r"metadata\.jsonl line 3 names a missing image 'gone\.png'"),
         ("metadata.jsonl", '{"file_name": "a.png", "caption": "a"}\n',
-         ValueError, r"no caption column 'text'; its columns are \['caption', 'file_name'\]"),
+         DataError, r"no caption column 'text'; its columns are \['caption', 'file_name'\]"
+         r"\. Pass the right one with --caption_column"),
         ("metadata.jsonl", '{"file_name": "a.png", "text": 7}\n',
-         ValueError, r"line 1.*: expected a string, a list of strings or None, got int \(7\)"),
+         DataError, r"line 1.*: expected a string, a list of strings or None, got int \(7\)"),
         ("sub/metadata.jsonl", '{"file_name": "../a.png", "text": "a"}\n',
-         ValueError, "relative to the metadata file"),
-        ("metadata.jsonl", '["a.png", "text"]\n', ValueError, "line 1: expected a JSON object"),
+         DataError, "relative to the metadata file"),
+        ("metadata.jsonl", '["a.png", "text"]\n', DataError, "line 1: expected a JSON object"),
         ("metadata.csv", "file_name,text\na.png,fine\na.png,too,many\n",
-         ValueError, r"metadata\.csv line 3: 3 cells but the header has 2 columns"),
-        ("metadata.csv", "name,text\na.png,x\n", ValueError, r"no file name column 'file_name'"),
-        ("metadata.parquet", "x", ValueError, "convert it to metadata.jsonl"),
+         DataError, r"metadata\.csv line 3: 3 cells but the header has 2 columns"),
+        ("metadata.csv", "name,text\na.png,x\n", DataError, r"no file name column 'file_name'"),
+        ("metadata.parquet", "x", DataError, "convert it to metadata.jsonl"),
     ],
 )  # fmt: skip
 def test_malformed_metadata(tmp_path, name, content, error, match):
@@ -198,7 +216,7 @@ def test_malformed_metadata(tmp_path, name, content, error, match):
     _write(tmp_path / name, content)
     with pytest.raises(error, match=match) as info:
         image_folder_source(tmp_path)
-    assert name in str(info.value)
+    _one_line(info, tmp_path / name)
 
 
 # --- HF datasets --------------------------------------------------------------------------
@@ -257,19 +275,22 @@ def test_hf_local_imagefolder_and_parquet(hf, tmp_path):
 def test_hf_columns_and_errors(hf, tmp_path):
     _hf_dataset(hf).save_to_disk(tmp_path / "saved")
     saved = str(tmp_path / "saved")
-    with pytest.raises(ValueError, match=r"--image_column 'img'.* columns are \['image', 'text'\]"):
+    with pytest.raises(DataError, match=r"--image_column 'img'.* columns are \['image', 'text'\]"):
         hf_dataset_source(saved, image_column="img")
-    with pytest.raises(ValueError, match=r"--caption_column 'caption'.*\['image', 'text'\]"):
+    with pytest.raises(DataError, match=r"--caption_column 'caption'.*\['image', 'text'\]") as info:
         hf_dataset_source(saved, caption_column="caption")
-    with pytest.raises(ValueError, match=r"--caption_column 'image'.* strings"):
+    _one_line(info, "'caption'", "Pass the right one with --caption_column")
+    with pytest.raises(DataError, match=r"--caption_column 'image'.* strings"):
         hf_dataset_source(saved, caption_column="image")
     assert hf_dataset_source(saved, caption_column=None)[1].captions == ()
-    with pytest.raises(ValueError, match=r"--dataset_name .* --train_data_dir"):
+    with pytest.raises(ConfigError, match=r"--dataset_name .* --train_data_dir"):
         hf_dataset_source()
-    with pytest.raises(FileNotFoundError, match="--train_data_dir"):
+    with pytest.raises(DataError, match="does not exist") as info:
         hf_dataset_source(train_data_dir=str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="--dataset_name"):
+    _one_line(info, tmp_path / "missing", "--train_data_dir")
+    with pytest.raises(DataError, match="does not exist") as info:
         hf_dataset_source(str(tmp_path / "missing"))
+    _one_line(info, tmp_path / "missing", "--dataset_name")
 
 
 def test_hf_max_train_samples_matches_diffusers_and_is_deterministic(hf, tmp_path):
@@ -377,19 +398,21 @@ def test_tfds_records_round_trip(tiny_tfds):
 
 
 def test_tfds_errors(tiny_tfds, tmp_path):
-    with pytest.raises(ValueError, match="--tfds_data_dir"):
+    with pytest.raises(ConfigError, match="--tfds_data_dir"):
         tfds_source("tiny_captions", data_dir=None)
     with pytest.raises(
-        FileNotFoundError, match=r"--tfds_data_dir .*missing does not exist.*array_record"
-    ):
+        DataError, match=r"--tfds_data_dir .*missing does not exist.*array_record"
+    ) as info:
         tfds_source("tiny_captions", data_dir=str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match=r"no dataset 'mnist'.*found \['tiny_captions'\]"):
+    _one_line(info, tmp_path / "missing")
+    with pytest.raises(DataError, match=r"no dataset 'mnist'.*found \['tiny_captions'\]"):
         tfds_source("mnist", data_dir=tiny_tfds)
-    with pytest.raises(FileNotFoundError, match=r"no 'tiny_captions:2\.0\.0'.*holds \['1\.0\.0'\]"):
+    with pytest.raises(DataError, match=r"no 'tiny_captions:2\.0\.0'.*holds \['1\.0\.0'\]"):
         tfds_source("tiny_captions:2.0.0", data_dir=tiny_tfds)
-    with pytest.raises(ValueError, match="--dataset_split"):
+    with pytest.raises(DataError, match="--dataset_split") as info:
         tfds_source("tiny_captions", data_dir=tiny_tfds, split="validation")
-    with pytest.raises(ValueError, match=r"no feature 'img'.*'image'"):
+    _one_line(info, "tiny_captions")
+    with pytest.raises(DataError, match=r"--image_column 'img': no feature 'img'.*'image'"):
         tfds_source("tiny_captions", data_dir=tiny_tfds, image_key="img")
 
 
@@ -436,19 +459,22 @@ def test_dreambooth_errors(tmp_path):
     instance = tmp_path / "instance"
     (tmp_path / "empty").mkdir()
     prior = {"instance_prompt": "p", "with_prior_preservation": True}
-    with pytest.raises(ValueError, match="--class_data_dir"):
+    with pytest.raises(ConfigError, match="--class_data_dir"):
         dreambooth_source(instance, class_prompt="c", **prior)
-    with pytest.raises(ValueError, match="--class_prompt"):
+    with pytest.raises(ConfigError, match="--class_prompt"):
         dreambooth_source(instance, class_data_dir=tmp_path / "class", **prior)
     for class_dir in (tmp_path / "empty", tmp_path / "not_yet"):
-        with pytest.raises(ValueError, match="--num_class_images"):
+        with pytest.raises(DataError, match="--num_class_images") as info:
             dreambooth_source(instance, class_data_dir=class_dir, class_prompt="c", **prior)
+        _one_line(info, class_dir, "--class_data_dir")
         assert count_images(class_dir) == 0
-    with pytest.raises(FileNotFoundError, match="--instance_data_dir"):
+    with pytest.raises(DataError, match="does not exist") as info:
         dreambooth_source(tmp_path / "nope", instance_prompt="p")
-    with pytest.raises(ValueError, match=rf"no images in {tmp_path / 'empty'}|is empty"):
+    _one_line(info, tmp_path / "nope", "--instance_data_dir")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'empty'}.* is empty") as info:
         dreambooth_source(tmp_path / "empty", instance_prompt="p")
-    with pytest.raises(ValueError, match="--instance_prompt"):
+    _one_line(info, "--instance_data_dir")
+    with pytest.raises(ConfigError, match="--instance_prompt"):
         dreambooth_source(instance, instance_prompt="")
     with pytest.warns(UserWarning, match="ignored without --with_prior_preservation"):
         dreambooth_source(instance, instance_prompt="p", class_data_dir=tmp_path / "class")

@@ -8,16 +8,13 @@ then combinations.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from shared.config import (
-    _LATENT,
-    BACKENDS,
-    FIELDS,
-    TASKS,
-    ConfigError,
-    TrainConfig,
-    defaults_for,
-)
+from shared.errors import ConfigError
+from shared.schema import _LATENT, BACKENDS, FIELDS, TASKS, defaults_for
+
+if TYPE_CHECKING:
+    from shared.config import TrainConfig
 
 logger = logging.getLogger("shared.config")
 
@@ -79,6 +76,7 @@ def _validate_ranges(cfg: TrainConfig) -> None:
         "sample_batch_size": cfg.prompts.sample_batch_size,
         "lr_num_cycles": o.lr_num_cycles,
         "fsdp_size": cfg.flax.fsdp_size,
+        "max_nonfinite_steps": t.max_nonfinite_steps,
     }
     optional_positive = {
         "max_train_steps": t.max_train_steps,

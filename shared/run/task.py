@@ -1,0 +1,67 @@
+"""What each task is, in one place: what it conditions on, which data it reads, which loss terms
+and events it has. Trainers and validation read a `TaskSpec` instead of branching on `cfg.task`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from shared.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A task as a trainer needs it, resolved against one config.
+
+    Attributes:
+      name: "unconditional", "text2image" or "dreambooth".
+      latent: the UNet denoises VAE latents (Stable Diffusion); else pixels (DDPM).
+      text_conditioned: captions or prompts go through the text encoder into cross-attention.
+      data: "dataset" (an image folder or dataset, captions from it) or "dreambooth" (instance
+        and class folders with fixed prompts).
+      prior_preservation: batches hold instance then class examples; the loss adds the class MSE.
+      makes_class_images: missing class images are sampled before training.
+      train_text_encoder: the text encoder is trained with the UNet.
+      dream: DREAM training (text2image's --dream_training) adjusts input and target.
+      class_labels: "timesteps" when the UNet takes the timesteps as class labels, else None.
+      validation: "ddpm" (unconditional samples) or "text" (prompts through the pipeline).
+      epoch_images_flag: the flag whose epoch interval validates when no step interval is set.
+      export_epochs: export the pipeline every N epochs during training (unconditional), or None.
+      save_text_encoder: the exported pipeline includes the text encoder.
+    """
+
+    name: str
+    latent: bool
+    text_conditioned: bool
+    data: str
+    prior_preservation: bool
+    makes_class_images: bool
+    train_text_encoder: bool
+    dream: bool
+    class_labels: str | None
+    validation: str
+    epoch_images_flag: str
+    export_epochs: int | None
+    save_text_encoder: bool
+
+
+def task_spec(cfg: TrainConfig) -> TaskSpec:
+    """The `TaskSpec` of `cfg`'s task with `cfg`'s options."""
+    dreambooth = cfg.task == "dreambooth"
+    unconditional = cfg.task == "unconditional"
+    prior = dreambooth and cfg.diffusion.with_prior_preservation
+    return TaskSpec(
+        name=cfg.task,
+        latent=not unconditional,
+        text_conditioned=not unconditional,
+        data="dreambooth" if dreambooth else "dataset",
+        prior_preservation=prior,
+        makes_class_images=prior,
+        train_text_encoder=dreambooth and cfg.model.train_text_encoder,
+        dream=cfg.task == "text2image" and cfg.diffusion.dream_training,
+        class_labels=cfg.model.class_labels_conditioning if dreambooth else None,
+        validation="ddpm" if unconditional else "text",
+        epoch_images_flag="save_images_epochs" if unconditional else "validation_epochs",
+        export_epochs=cfg.checkpoint.save_model_epochs if unconditional else None,
+        save_text_encoder=not (dreambooth and cfg.checkpoint.skip_save_text_encoder),
+    )
