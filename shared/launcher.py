@@ -109,9 +109,10 @@ def run_demo(args: list[str]) -> dict:
     from shared.demo import build_demo_assets
 
     backend = _pop_option(args, "backend", None) or default_demo_backend()
+    assets_dir = _pop_option(args, "assets", None)
     _, cli_values = cli.parse_cli(args)
     output_dir = cli_values.get("output_dir") or cli.load_yaml(DEMO_CONFIG)["output_dir"]
-    assets = build_demo_assets(_pop_option(args, "assets", str(Path(output_dir) / "assets")))
+    assets = build_demo_assets(assets_dir or str(Path(output_dir) / "assets"))
     argv = demo_args(assets, args)
     module = _backend_module(backend, "dreambooth")
     if module is not None:

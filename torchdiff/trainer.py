@@ -180,6 +180,7 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
 
     set_seed(cfg.seed)
     memory.enable_tf32(cfg)
+    memory.steady_host_allocations()
     device = accelerator.device
 
     components = models.load_components(cfg)

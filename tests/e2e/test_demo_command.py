@@ -36,6 +36,8 @@ def test_demo_trains_offline_and_writes_a_loadable_pipeline(tmp_path):
     )
     assert Path(cfg.data.instance_data_dir) == out / "assets" / "instance"
     assert "trained with torchdiff.dreambooth" in result.stdout
+    # The trainer's own INFO lines get through the launcher (it set up logging first).
+    assert "INFO torchdiff.trainer: dreambooth on 1 process(es)" in result.stderr
     # demo.yaml: 8 steps, a checkpoint every 4 (at most 2 kept), validation every 4 steps.
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     grid = np.asarray(Image.open(out / "validation" / "validation-000008.png"))
@@ -61,8 +63,13 @@ def test_demo_without_a_trainer_checks_the_data_pipeline(tmp_path):
     assert grid.shape == (128, 128, 3)  # instance row over class row, 2 images of 64px each
     assert "a photo of sks cat" in result.stdout
 
-    again = twindiff("demo", "--backend", "flax", "--max_train_steps", "3", cwd=tmp_path)
+    assets = tmp_path / "shared-assets"
+    again = twindiff(
+        "demo", "--backend", "flax", "--assets", str(assets), "--max_train_steps", "3",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert again.returncode == 0, again.stderr
+    assert (assets / "instance").is_dir()  # --assets puts the generated assets there
     # The assets are reused; 3 steps of batch 2 stop inside the first epoch of 8 examples.
     assert json.loads((out / "loader-state.json").read_text()) == {"epoch": 0, "position": 6}
 
