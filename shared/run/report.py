@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from shared import cli
 from shared.config import TrainConfig
 from shared.diffusers_format import atomic_write_text
@@ -29,7 +31,14 @@ _NOT_TRACKED = ("hub_token", "unet_config", "vae_config", "text_encoder_config",
 
 
 class _TwindiffHandler(logging.StreamHandler):
-    """Marks the handler this module installed, so a second setup replaces it."""
+    """Writes through tqdm, so a log line never lands in the middle of a progress bar; marks the
+    handler this module installed, so a second setup replaces it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging.Handler.emit: a broken stream must not kill the run
+            self.handleError(record)
 
 
 def setup_logging(*, is_main: bool = True, default: str | int | None = None) -> None:

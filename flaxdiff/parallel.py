@@ -1,0 +1,566 @@
+"""How the flax trainer spreads one run over devices: `--parallelism pmap|mesh`, one interface.
+
+The trainer's step is one pure function, `train_step(state, batch) -> (state, metrics)`, written as
+if for one device; a `Strategy` applies the parallelism from outside:
+
+    strategy = strategy_from_config(cfg)
+    state = strategy.init(init_fn, rng)        # or strategy.place(host_state) for loaded weights
+    step = strategy.compile(train_step)        # inside: loss, grads = strategy.mean((loss, grads))
+    for batch in loader:                       # numpy, this process's shard of the global batch
+        state, metrics = step(state, strategy.shard_batch(batch))
+    log(strategy.unreplicate(metrics)); save(strategy.unreplicate(state))
+
+"pmap" (`PmapStrategy`), the classic TPU v3 layout: the state is replicated on every local device
+(a leading axis of size `local_device_count`), the batch is split over them, the step runs under
+`jax.pmap` and averages gradients with `lax.pmean`. Every device holds the whole state.
+
+"mesh" (`MeshStrategy`): `jax.jit` over a `Mesh` with axes ("data", "fsdp"). Params, optimizer
+state and EMA are sharded over "fsdp" by rules on parameter paths and shapes (`param_sharding`),
+never by model name, so one rule set serves the UNet, CLIP, the VAE and any future model; the
+global batch is sharded over every device. The step sees global arrays: a mean over the batch is
+already the mean over all devices, and XLA inserts the all-gathers and reduce-scatters.
+
+Multi-host: every process runs the same program and loads only its own rows of each global batch
+(`shared.data.loader` with `process_index` / `process_count`); `shard_batch` assembles the global
+array from those per-process pieces without moving data between hosts.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from shared.config import TrainConfig
+from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DATA, FSDP = "data", "fsdp"
+PMAP_AXIS = "devices"
+
+# Arrays under 2**14 elements (64 KiB in float32: biases, norms, the step, the rng) stay replicated:
+# gathering one costs a collective's latency every step and saves almost no memory.
+MIN_SHARD_SIZE = 2**14
+
+StepFn = Callable[[Any, Any], tuple[Any, Any]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding rules
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRule:
+    """What to do with the arrays whose path matches `pattern` (the first matching rule wins).
+
+    Attributes:
+      pattern: a regex searched (`re.search`) in the "/"-joined path, e.g.
+        `params/down_blocks/0/resnets/1/conv1/kernel` or `opt_state/1/mu/.../kernel`. Anchor at the
+        end (`kernel$`) so a rule matches a parameter wherever the state nests it: its optimizer
+        moments and EMA copy then follow it.
+      shard: True: shard over "fsdp" by `param_sharding`'s shape rule; False: replicate.
+    """
+
+    pattern: str
+    shard: bool
+
+
+# Names shared by every model here (Linear/Conv/Norm/Embedding in flaxdiff.models.layers), not
+# model names. Biases and norm parameters are vectors read whole by every device.
+DEFAULT_RULES: tuple[ShardingRule, ...] = (
+    ShardingRule(r"(^|/)(bias|scale)$", shard=False),
+    ShardingRule(r".*", shard=True),
+)
+
+
+def path_str(path: Sequence[Any] | str) -> str:
+    """A pytree key path as "a/b/0/c", the form `ShardingRule.pattern` is matched against.
+
+    An `nnx.Variable` flattens to its `.value`; that last attribute is dropped so a path names the
+    parameter (`.../conv_in/kernel`) whether the state holds `nnx.State` or plain dicts.
+    """
+    if isinstance(path, str):
+        return path
+    if path and path[-1] == jax.tree_util.GetAttrKey("value"):
+        path = path[:-1]
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def param_sharding(
+    path: Sequence[Any] | str,
+    shape: Sequence[int],
+    mesh: Mesh | jax.sharding.AbstractMesh,
+    *,
+    rules: Sequence[ShardingRule] = DEFAULT_RULES,
+    min_shard_size: int = MIN_SHARD_SIZE,
+) -> PartitionSpec:
+    """The `PartitionSpec` of one state array on a ("data", "fsdp") mesh.
+
+    Replicated: arrays under `min_shard_size` elements, arrays a rule replicates, arrays with no
+    dimension divisible by the fsdp size, and everything when fsdp is 1. Otherwise the largest
+    dimension divisible by the fsdp size is sharded over "fsdp" (ties: the last such dimension,
+    the output features of a kernel). Only the path and the shape decide, so an optimizer moment
+    or EMA copy of a parameter gets its parameter's spec.
+
+    Args:
+      path: the array's key path in the state (or its `path_str`).
+      shape: the array's shape.
+      mesh: a `Mesh` or `AbstractMesh` with an "fsdp" axis (only its axis sizes are read).
+      rules: ordered path rules; a path no rule matches is replicated.
+      min_shard_size: arrays with fewer elements are replicated.
+
+    Returns:
+      e.g. `PartitionSpec(None, None, None, "fsdp")` for a (3, 3, 320, 320) conv kernel,
+      `PartitionSpec("fsdp")` for a (1024, 64) one.
+    """
+    fsdp = mesh.shape[FSDP]
+    if fsdp == 1 or math.prod(shape) < min_shard_size:
+        return PartitionSpec()
+    name = path_str(path)
+    rule = next((r for r in rules if re.search(r.pattern, name)), None)
+    if rule is None or not rule.shard:
+        return PartitionSpec()
+    divisible = [(size, dim) for dim, size in enumerate(shape) if size % fsdp == 0]
+    if not divisible:
+        log.debug("%s %s: no dimension divisible by fsdp=%d, replicated", name, shape, fsdp)
+        return PartitionSpec()
+    _, dim = max(divisible)  # largest size, then the last dimension among equals
+    # No trailing Nones: the spelling jit gives its outputs' specs, so a placed state's specs
+    # compare equal to the step's.
+    return PartitionSpec(*([None] * dim), FSDP)
+
+
+def state_shardings(
+    abstract_state: Any,
+    mesh: Mesh | jax.sharding.AbstractMesh,
+    *,
+    rules: Sequence[ShardingRule] = DEFAULT_RULES,
+    min_shard_size: int = MIN_SHARD_SIZE,
+) -> Any:
+    """A `NamedSharding` for every array of a state, by `param_sharding`.
+
+    Args:
+      abstract_state: any pytree of arrays or `jax.ShapeDtypeStruct`s (params, optax state, EMA,
+        step, rng; `nnx.State` or dicts), e.g. from `jax.eval_shape(init_fn, rng)`.
+      mesh: the ("data", "fsdp") mesh (an `AbstractMesh` gives shardings to plan with only).
+      rules: see `param_sharding`.
+      min_shard_size: see `param_sharding`.
+
+    Returns:
+      The same tree with a `NamedSharding` at each leaf: `out_shardings` of an init, targets of a
+      `jax.device_put` or of a checkpoint restore.
+    """
+
+    def sharding(path, leaf):
+        spec = param_sharding(
+            path, np.shape(leaf), mesh, rules=rules, min_shard_size=min_shard_size
+        )
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_state)
+
+
+def _leaf_bytes(shape: Sequence[int], dtype: Any) -> int:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        # A typed key is stored as its key data (uint32 words).
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+        return math.prod(data.shape) * data.dtype.itemsize
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def bytes_per_device(abstract_state: Any, shardings: Any) -> int:
+    """Bytes of `abstract_state` that one device holds under `shardings` (the largest share).
+
+    Args:
+      abstract_state: pytree of arrays or `jax.ShapeDtypeStruct`s.
+      shardings: matching pytree of `NamedSharding`s (`state_shardings`).
+    """
+    total = 0
+    for leaf, sharding in zip(
+        jax.tree.leaves(abstract_state), jax.tree.leaves(shardings), strict=True
+    ):
+        total += _leaf_bytes(sharding.shard_shape(np.shape(leaf)), leaf.dtype)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh
+
+
+def make_mesh(*, data: int, fsdp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp") mesh over all `devices`; one of the two sizes may be -1 (the rest).
+
+    "fsdp" is the inner axis, so an FSDP group is a run of neighbouring devices (on one host when
+    it fits): its all-gathers, every step, take the fastest links. The axes are `Auto` (the
+    compiler propagates shardings), not jax's `Explicit` default for `make_mesh`.
+
+    Args:
+      data: data-parallel groups, or -1.
+      fsdp: devices per FSDP group (`--fsdp_size`), or -1.
+      devices: default `jax.devices()` (all processes).
+
+    Raises:
+      ConfigError: the sizes do not multiply to the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    count = len(devices)
+    divisors = [d for d in range(1, count + 1) if count % d == 0]
+    if data == -1 and fsdp == -1:
+        raise ConfigError("the mesh needs --fsdp_size (or the data axis size); both are -1")
+    if fsdp == -1:
+        fsdp = count // data if data >= 1 and count % data == 0 else 0
+    if data == -1:
+        if fsdp < 1 or count % fsdp:
+            raise ConfigError(
+                f"--fsdp_size={fsdp} does not divide the {count} devices; use one of {divisors}"
+            )
+        data = count // fsdp
+    if data < 1 or fsdp < 1 or data * fsdp != count:
+        raise ConfigError(
+            f"a mesh of data={data} x --fsdp_size={fsdp} does not use the {count} devices "
+            f"exactly; --fsdp_size must be one of {divisors}"
+        )
+    return jax.make_mesh(
+        (data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Host <-> device
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _host_array(x: Any) -> np.ndarray:
+    """`x` as a numpy array in the dtype JAX would give it (float64 -> float32 without x64)."""
+    x = np.asarray(x)
+    dtype = jax.dtypes.canonicalize_dtype(x.dtype)
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _host_copy(x: Any) -> Any:
+    """One host copy of a (possibly sharded, possibly multi-host) array, never one per device.
+
+    The copy is assembled from this process's shards when they cover the array (single host;
+    FSDP groups within a host); otherwise this one leaf is gathered across processes, so devices
+    hold at most one extra whole leaf at a time, never the whole state.
+    """
+    if _is_key(x):
+        return jax.random.wrap_key_data(
+            _host_copy(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+        )
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
+    out = np.empty(x.shape, x.dtype)
+    seen, covered = set(), 0
+    for shard in x.addressable_shards:
+        # Shards of a GSPMD layout are equal or disjoint: count each block once.
+        block = tuple((s.start, s.stop, s.step) for s in shard.index)
+        if block in seen:
+            continue
+        seen.add(block)
+        data = np.asarray(shard.data)
+        out[shard.index] = data
+        covered += data.size
+    if covered == x.size:
+        return out
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+
+
+class Strategy(abc.ABC):
+    """How the state, the batch and the step are laid out on devices; see the module docstring.
+
+    Attributes:
+      name: "pmap" or "mesh" (`--parallelism`).
+      per_device_batch_size: `--train_batch_size`, examples per device per micro-batch.
+      num_devices: devices over all processes, the data-parallel width of the run.
+      local_device_count: devices of this process.
+      process_index, process_count: this process among all (the loader's arguments).
+      local_batch_size: examples this process loads per micro-batch
+        (`RunPlan.per_process_batch_size`).
+      global_batch_size: examples per micro-batch over all processes.
+    """
+
+    name: str
+
+    def __init__(self, *, per_device_batch_size: int, num_devices: int, local_device_count: int):
+        if per_device_batch_size < 1:
+            raise ConfigError(f"--train_batch_size must be at least 1, got {per_device_batch_size}")
+        self.per_device_batch_size = per_device_batch_size
+        self.num_devices = num_devices
+        self.local_device_count = local_device_count
+        self.process_index = jax.process_index()
+        self.process_count = jax.process_count()
+        self.local_batch_size = per_device_batch_size * local_device_count
+        self.global_batch_size = per_device_batch_size * num_devices
+
+    @abc.abstractmethod
+    def place(self, state: Any) -> Any:
+        """Puts a host (or single-device) state on the devices in this strategy's layout.
+
+        Leaf by leaf, from the one host copy: no per-device copy of the state is ever made on
+        the host. The caller's arrays stay valid (the step donates only the placed copy). On
+        several hosts, every process passes the same state (e.g. each loads the weights file).
+        """
+
+    @abc.abstractmethod
+    def init(self, init_fn: Callable[..., Any], *args: Any, abstract_state: Any = None) -> Any:
+        """Runs `init_fn(*args)` on the devices, its result created directly in the layout.
+
+        Args:
+          init_fn: returns the initial state; traced once under `jax.jit`.
+          *args: its arguments (e.g. the rng), arrays.
+          abstract_state: `jax.eval_shape(init_fn, *args)` when the caller has it already.
+        """
+
+    @abc.abstractmethod
+    def shard_batch(self, batch: Any) -> Any:
+        """This process's numpy batch (leading axis `local_batch_size`, or a multiple of the
+        local device count) as the step's input."""
+
+    @abc.abstractmethod
+    def compile(self, step_fn: StepFn, *, donate: bool = True) -> StepFn:
+        """`step_fn(state, batch) -> (state, metrics)` compiled for this layout.
+
+        With `donate`, the old state's buffers are reused for the new state: the caller must not
+        touch a state after passing it in.
+        """
+
+    @abc.abstractmethod
+    def mean(self, tree: Any) -> Any:
+        """Inside the step: the mean over all devices of per-device values (loss, grads, metrics)."""
+
+    @abc.abstractmethod
+    def fold_in_device(self, rng: jax.Array) -> jax.Array:
+        """Inside the step: a key for the batch this device sees (distinct noise per shard)."""
+
+    @abc.abstractmethod
+    def unreplicate(self, tree: Any) -> Any:
+        """Host copies (numpy; typed keys stay keys) of a state or metrics, for logging,
+        checkpoints and export: one copy on the host, never one per device."""
+
+
+class PmapStrategy(Strategy):
+    """`--parallelism pmap`: state replicated over the local devices, batch split, `pmean`."""
+
+    name = "pmap"
+
+    def __init__(self, *, per_device_batch_size: int):
+        self.devices = jax.local_devices()
+        super().__init__(
+            per_device_batch_size=per_device_batch_size,
+            num_devices=jax.device_count(),
+            local_device_count=len(self.devices),
+        )
+        # jax.pmap runs as jit + shard_map over this layout: one slice of a leading axis per
+        # local device. Arrays laid out so pass into the pmapped step without a copy.
+        self._mesh = Mesh(np.array(self.devices), (PMAP_AXIS,))
+        self.sharding = NamedSharding(self._mesh, PartitionSpec(PMAP_AXIS))
+
+    def _stack(self, slices: Sequence[np.ndarray]) -> jax.Array:
+        """One array of shape (local_devices, ...) whose i-th slice lives on device i."""
+        shape = (len(slices), *slices[0].shape[1:])
+        parts = [jax.device_put(s, d) for s, d in zip(slices, self.devices, strict=True)]
+        return jax.make_array_from_single_device_arrays(shape, self.sharding, parts)
+
+    def _replicate(self, x: Any) -> jax.Array:
+        if _is_key(x):
+            data = self._replicate(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = _host_array(x)[None]  # a view: each device receives the same host buffer
+        return self._stack([host] * len(self.devices))
+
+    def place(self, state: Any) -> Any:
+        return jax.tree.map(self._replicate, state)
+
+    def init(self, init_fn: Callable[..., Any], *args: Any, abstract_state: Any = None) -> Any:
+        del abstract_state  # the layout does not depend on the shapes
+        n = len(self.devices)
+
+        def replicated(*a):
+            # Partitioned over the leading axis, the broadcast writes one copy per device.
+            return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), init_fn(*a))
+
+        return jax.jit(replicated, out_shardings=self.sharding)(*args)
+
+    def shard_batch(self, batch: Any) -> Any:
+        n = len(self.devices)
+
+        def split(x):
+            x = _host_array(x)
+            if x.ndim == 0 or x.shape[0] % n:
+                raise ValueError(
+                    f"a batch leaf of shape {x.shape} cannot be split over {n} local devices"
+                )
+            per_device = x.reshape(n, x.shape[0] // n, *x.shape[1:])  # (ld, B/ld, ...)
+            return self._stack([per_device[i : i + 1] for i in range(n)])
+
+        return jax.tree.map(split, batch)
+
+    def compile(self, step_fn: StepFn, *, donate: bool = True) -> StepFn:
+        return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
+
+    def mean(self, tree: Any) -> Any:
+        return jax.lax.pmean(tree, PMAP_AXIS)
+
+    def fold_in_device(self, rng: jax.Array) -> jax.Array:
+        return jax.random.fold_in(rng, jax.lax.axis_index(PMAP_AXIS))
+
+    def unreplicate(self, tree: Any) -> Any:
+        def first(x):
+            if _is_key(x):
+                data = first(jax.random.key_data(x))
+                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+            if isinstance(x, jax.Array):
+                # Only device 0's slice crosses to the host; the replicas are equal.
+                x = x.addressable_shards[0].data
+            return np.asarray(x)[0, ...]  # [0, ...]: a 0-d array, not a numpy scalar
+
+        return jax.tree.map(first, tree)
+
+    def __repr__(self) -> str:
+        return f"PmapStrategy({self.local_device_count} local of {self.num_devices} devices)"
+
+
+class MeshStrategy(Strategy):
+    """`--parallelism mesh`: `jax.jit` over a ("data", "fsdp") mesh, state sharded by path rules."""
+
+    name = "mesh"
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        *,
+        per_device_batch_size: int,
+        rules: Sequence[ShardingRule] = DEFAULT_RULES,
+        min_shard_size: int = MIN_SHARD_SIZE,
+    ):
+        super().__init__(
+            per_device_batch_size=per_device_batch_size,
+            num_devices=mesh.size,
+            local_device_count=len(mesh.local_devices),
+        )
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        self.min_shard_size = min_shard_size
+        # The batch is split over every device, FSDP groups included: FSDP is data parallelism
+        # whose params are stored sharded. Over "data" alone each group would repeat its work.
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec((DATA, FSDP)))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+
+    def shardings(self, abstract_state: Any) -> Any:
+        """The state's `NamedSharding`s (for an init, a `device_put` or a checkpoint restore)."""
+        return state_shardings(
+            abstract_state, self.mesh, rules=self.rules, min_shard_size=self.min_shard_size
+        )
+
+    def place(self, state: Any) -> Any:
+        def put(x, sharding):
+            if _is_key(x):
+                data = put(jax.random.key_data(x), sharding)
+                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+            if isinstance(x, jax.Array):
+                # The step donates the placed state; device_put reuses the buffer of an array
+                # already on a target device (even with may_alias=False, jax 0.10), so copy it
+                # first or the first step would delete the caller's array.
+                return jax.device_put(jnp.copy(x), sharding)
+            host = _host_array(x)
+            # Each device (on each host) receives only its slice of the one host copy.
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+        return jax.tree.map(put, state, self.shardings(state))
+
+    def init(self, init_fn: Callable[..., Any], *args: Any, abstract_state: Any = None) -> Any:
+        if abstract_state is None:
+            abstract_state = jax.eval_shape(init_fn, *args)
+        return jax.jit(init_fn, out_shardings=self.shardings(abstract_state))(*args)
+
+    def shard_batch(self, batch: Any) -> Any:
+        n = self.local_device_count
+
+        def assemble(x):
+            x = _host_array(x)
+            if x.ndim == 0 or x.shape[0] % n:
+                raise ValueError(
+                    f"a batch leaf of shape {x.shape} cannot be split over {n} local devices"
+                )
+            # Global shape (B_local * processes, ...); each process gives only its own rows.
+            return jax.make_array_from_process_local_data(self.batch_sharding, x)
+
+        return jax.tree.map(assemble, batch)
+
+    def compile(self, step_fn: StepFn, *, donate: bool = True) -> StepFn:
+        def step(state, batch):
+            batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+            new_state, metrics = step_fn(state, batch)
+            # The rules are functions of path and shape, so the new state is pinned to the input
+            # state's layout: donated buffers are reused and the next call needs no resharding.
+            new_state = jax.lax.with_sharding_constraint(new_state, self.shardings(new_state))
+            metrics = jax.lax.with_sharding_constraint(metrics, self.replicated)
+            return new_state, metrics
+
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+    def mean(self, tree: Any) -> Any:
+        # Under jit the step computes on global arrays: its mean over the batch is the mean over
+        # all devices already.
+        return tree
+
+    def fold_in_device(self, rng: jax.Array) -> jax.Array:
+        # One key draws the noise of the whole global batch; XLA partitions the draw.
+        return rng
+
+    def unreplicate(self, tree: Any) -> Any:
+        return jax.tree.map(_host_copy, tree)
+
+    def __repr__(self) -> str:
+        axes = " x ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+        return f"MeshStrategy({axes}, {self.process_count} process(es))"
+
+
+def _pmap_from_config(cfg: TrainConfig) -> Strategy:
+    if cfg.flax.fsdp_size != 1:
+        raise ConfigError(
+            f"--fsdp_size={cfg.flax.fsdp_size} shards parameters, which --parallelism pmap "
+            "cannot do; add --parallelism mesh (or drop --fsdp_size)"
+        )
+    return PmapStrategy(per_device_batch_size=cfg.training.train_batch_size)
+
+
+def _mesh_from_config(cfg: TrainConfig) -> Strategy:
+    mesh = make_mesh(data=-1, fsdp=cfg.flax.fsdp_size)
+    return MeshStrategy(mesh, per_device_batch_size=cfg.training.train_batch_size)
+
+
+STRATEGIES: dict[str, Callable[[TrainConfig], Strategy]] = {
+    "pmap": _pmap_from_config,
+    "mesh": _mesh_from_config,
+}
+
+
+def strategy_from_config(cfg: TrainConfig) -> Strategy:
+    """The strategy `--parallelism` names, over all devices of all processes.
+
+    Raises:
+      ConfigError: `--fsdp_size` does not divide the device count, or is set with pmap.
+    """
+    strategy = STRATEGIES[cfg.flax.parallelism](cfg)
+    log.info("parallelism: %r", strategy)
+    return strategy
