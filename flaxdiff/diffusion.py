@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from shared import model_folders, schedules
+from shared import schedules
 from shared.config import TrainConfig
+from shared.run.task import objective_options
 
 PREDICTION_TYPES: tuple[str, ...] = schedules.PREDICTION_TYPES
 
@@ -123,16 +124,7 @@ class Objective:
             An `Objective` whose prediction type is `--prediction_type`, else the scheduler's,
             else "epsilon" (the order of the reference scripts).
         """
-        d = cfg.diffusion
-        schedule = schedules.NoiseSchedule.from_scheduler_config(scheduler_config)
-        return cls(
-            alphas_cumprod=schedule.alphas_cumprod,
-            prediction_type=model_folders.prediction_type(cfg, scheduler_config),
-            snr_gamma=d.snr_gamma,
-            noise_offset=cfg.noise_offset_scale,
-            input_perturbation=d.input_perturbation,
-            prior_loss_weight=d.prior_loss_weight if d.with_prior_preservation else None,
-        )
+        return cls(**objective_options(cfg, scheduler_config))
 
     @property
     def num_train_timesteps(self) -> int:

@@ -5,6 +5,10 @@ model component (UNet, VAE, CLIP text encoder) becomes a Flax model with its wei
 scheduler and other parts stay files, copied as they are by ``to_diffusers``. One component:
 ``from_diffusers("path/to/sd", subfolder="unet")`` or a component folder itself.
 
+Folders of the old Flax classes (diffusers <= 0.39, transformers 4.x: ``FlaxUNet2DConditionModel``,
+``diffusion_flax_model.msgpack``, ...) read the same way, through `flax_msgpack`, when a component
+has no PyTorch weights; their ``Flax`` class names are read as the PyTorch ones.
+
 ``to_diffusers`` writes config.json + safetensors that diffusers/transformers ``from_pretrained``
 load. A float32 weight survives diffusers -> Flax -> diffusers bit for bit.
 """
@@ -26,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flaxdiff.models import hub_files, weights_io
+from flaxdiff.models import flax_msgpack, hub_files, weights_io
 from flaxdiff.models.layers import Buffer, ModelOptions, fill_random
 from flaxdiff.models.state_dict import load_torch_state_dict, torch_state_dict
 from shared import diffusers_format, model_folders
@@ -77,6 +81,20 @@ MODEL_CLASSES: dict[str, ModelEntry] = {
 }
 
 
+def _without_flax(class_name: str) -> str:
+    """The PyTorch class name of an old Flax class (``FlaxPNDMScheduler`` -> ``PNDMScheduler``).
+
+    diffusers <= 0.39 and transformers 4.x saved Flax models under the PyTorch class's name with a
+    ``Flax`` prefix, holding the same architecture config and the same weights.
+    """
+    return class_name.removeprefix("Flax")
+
+
+def is_model_class(class_name: str) -> bool:
+    """Whether flaxdiff converts a class named in model_index.json (old ``Flax`` names included)."""
+    return _without_flax(class_name) in MODEL_CLASSES
+
+
 def class_name_of(config: Mapping[str, Any], *, source: str = "config") -> str:
     """The model class a diffusers (``_class_name``) or transformers (``architectures``) config names."""
     name = config.get("_class_name")
@@ -86,6 +104,8 @@ def class_name_of(config: Mapping[str, Any], *, source: str = "config") -> str:
         # pipeline family: "use the torch backend" would be no fix for it.
         if name in model_folders.UNSUPPORTED_TEXT_ENCODERS:
             model_folders.text_encoder_class_name(config, source)
+    if isinstance(name, str) and is_model_class(name):
+        name = _without_flax(name)
     if name not in MODEL_CLASSES:
         known = ", ".join(MODEL_CLASSES)
         raise ValueError(
@@ -192,7 +212,7 @@ def from_diffusers(
     index = diffusers_format.read_model_index(folder)
     models = {}
     for name, entry in diffusers_format.components_of(index).items():
-        if entry is None or entry[1] not in MODEL_CLASSES:
+        if entry is None or not is_model_class(entry[1]):
             continue  # tokenizer, scheduler, safety checker...: files, copied on export
         models[name] = load_model(folder / name, variant=variant, options=options)
     return FlaxPipeline(models=models, folder=folder, model_index=index)
@@ -201,7 +221,11 @@ def from_diffusers(
 def load_model(
     folder: str | os.PathLike, *, variant: str | None = None, options: ModelOptions | None = None
 ) -> nnx.Module:
-    """One model from a component folder (config.json + weights)."""
+    """One model from a component folder (config.json + weights).
+
+    The weights are PyTorch's (`weights_io.read_weights`), or, in a folder that has none, those
+    of the old Flax classes (`flax_msgpack`; they have no variants).
+    """
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -209,7 +233,16 @@ def load_model(
     raw = json.loads(config_path.read_text(encoding="utf-8"))
     name = class_name_of(raw, source=str(config_path))
     model = init_model(build_config(raw, source=str(config_path)), options=options, abstract=True)
-    weights = weights_io.read_weights(folder, stem=MODEL_CLASSES[name].weight_stem, variant=variant)
+    stem = MODEL_CLASSES[name].weight_stem
+    msgpack = flax_msgpack.weights_file(folder, stem=stem)
+    if msgpack is not None and variant:
+        raise FileNotFoundError(
+            f"{folder} holds only old Flax weights ({msgpack.name}), which come in no variants; "
+            f"load it without variant={variant!r}"
+        )
+    if msgpack is not None:
+        return flax_msgpack.load_msgpack(model, msgpack)
+    weights = weights_io.read_weights(folder, stem=stem, variant=variant)
     return load_torch_state_dict(model, weights, source=f"the weights in {folder}")
 
 
@@ -221,7 +254,7 @@ def _local_folder(path_or_repo: str, subfolder: str | None, *, revision: str | N
     if local is not None:
         return Path(local)
     return hub_files.download(path_or_repo, subfolder, revision=revision, variant=variant,
-                              is_model=MODEL_CLASSES.__contains__)  # fmt: skip
+                              is_model=is_model_class)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +306,11 @@ def write_model(
     return folder
 
 
+def _flax_weights_only(folder: Path) -> bool:
+    """Whether a component folder's only weights are old Flax msgpack files."""
+    return any(flax_msgpack.weights_file(folder, stem=stem) for stem in flax_msgpack.WEIGHT_FILES)
+
+
 def _swap_in(staging: Path, folder: Path) -> None:
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
@@ -320,8 +358,14 @@ def to_diffusers(
                 class_name = class_of(chosen[name])
                 components[name] = (MODEL_CLASSES[class_name].library, class_name)
             elif entry is not None and (source.folder / name).is_dir():
+                if _flax_weights_only(source.folder / name):
+                    # An old Flax safety checker, say: PyTorch cannot load its msgpack weights.
+                    components[name] = None
+                    continue
                 shutil.copytree(source.folder / name, staging / name)
-                components[name] = entry
+                # A pipeline read from old Flax files names FlaxPNDMScheduler and the like,
+                # which diffusers >= 0.40 no longer has.
+                components[name] = (entry[0], _without_flax(entry[1]))
             else:
                 components[name] = None
         extra = {
@@ -329,9 +373,10 @@ def to_diffusers(
             for k, v in source.model_index.items()
             if not k.startswith("_") and k not in components
         }
+        pipeline_class = source.model_index.get("_class_name", "DiffusionPipeline")
         diffusers_format.write_model_index(
             staging,
-            pipeline_class=source.model_index.get("_class_name", "DiffusionPipeline"),
+            pipeline_class=_without_flax(pipeline_class),
             components=components,
             extra=extra,
         )

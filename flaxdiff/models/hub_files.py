@@ -3,7 +3,8 @@
 An SD repo holds far more than a Flax load needs: single-file checkpoints at its root (GBs),
 fp16/EMA variants beside the fp32 weights, ``.bin`` copies of safetensors, a safety checker.
 `files_to_fetch` picks configs, tokenizer/scheduler files, and for each model flaxdiff converts
-the weights of one variant in one format (safetensors when the folder has them, else ``.bin``).
+the weights of one variant in one format (safetensors when the folder has them, else ``.bin``,
+else the msgpack file of the old Flax classes, as in duongna/stable-diffusion-v1-4-flax).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from flaxdiff.models.flax_msgpack import WEIGHT_FILES as FLAX_WEIGHT_FILES
 from shared import diffusers_format
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -42,7 +44,8 @@ def _is_variant(name: str, variant: str | None) -> bool:
 def component_files(files: Sequence[str], folder: str | None, *, weights: bool,
                     variant: str | None = None) -> list[str]:  # fmt: skip
     """Repo paths to fetch for one component folder: its json/txt files, and with `weights`
-    the weight files of `variant` in one format (safetensors preferred)."""
+    the weight files of `variant` in one format (safetensors preferred; the old Flax msgpack
+    file, which has no variants, only when there are no PyTorch weights and no `variant`)."""
     prefix = f"{folder}/" if folder else ""
     names = _in_folder(files, folder)
     wanted = [n for n in names if n.endswith((".json", ".txt"))]
@@ -52,6 +55,9 @@ def component_files(files: Sequence[str], folder: str | None, *, weights: bool,
             if chosen:
                 wanted += chosen
                 break
+        else:
+            if variant is None:
+                wanted += [n for n in names if n in FLAX_WEIGHT_FILES.values()]
     return [prefix + n for n in wanted]
 
 

@@ -5,7 +5,10 @@ and events it has. Trainers and validation read a `TaskSpec` instead of branchin
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
+from shared import model_folders, schedules
 from shared.config import TrainConfig
 
 
@@ -65,3 +68,25 @@ def task_spec(cfg: TrainConfig) -> TaskSpec:
         export_epochs=cfg.checkpoint.save_model_epochs if unconditional else None,
         save_text_encoder=not (dreambooth and cfg.checkpoint.skip_save_text_encoder),
     )
+
+
+def objective_options(cfg: TrainConfig, scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The loss terms of a run, as both backends' `Objective(**options)` take them.
+
+    Returns:
+      ``alphas_cumprod`` (float64 (T,), from the scheduler config), ``prediction_type``
+      (`--prediction_type`, else the scheduler's, else "epsilon"), ``snr_gamma``, ``noise_offset``
+      (`--noise_offset`, or 0.1 for `--offset_noise`), ``input_perturbation`` and
+      ``prior_loss_weight`` (None without prior preservation).
+    """
+    d = cfg.diffusion
+    return {
+        "alphas_cumprod": schedules.NoiseSchedule.from_scheduler_config(
+            scheduler_config
+        ).alphas_cumprod,
+        "prediction_type": model_folders.prediction_type(cfg, scheduler_config),
+        "snr_gamma": d.snr_gamma,
+        "noise_offset": cfg.noise_offset_scale,
+        "input_perturbation": d.input_perturbation,
+        "prior_loss_weight": d.prior_loss_weight if task_spec(cfg).prior_preservation else None,
+    }

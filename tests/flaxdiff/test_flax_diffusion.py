@@ -25,17 +25,6 @@ DREAMBOOTH = {
 }
 
 
-@pytest.fixture
-def x64():
-    """Runs a test with jax_enable_x64 on (float64 arrays), restoring the setting after."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-
-
 def arrays(dtype=np.float64, shape=SHAPE, seed=0) -> tuple[np.ndarray, ...]:
     """clean, noise and a stand-in model prediction, (B, H, W, C) numpy."""
     rng = np.random.default_rng(seed)

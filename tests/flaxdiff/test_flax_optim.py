@@ -21,16 +21,6 @@ def flax_cfg(**values):
     return build("text2image", "flax", {**base, **values})
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-
-
 # --- learning-rate schedule ---------------------------------------------------------------------
 
 
