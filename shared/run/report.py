@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,19 @@ class _TwindiffHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def _ours_or_a_library_default(handler: logging.Handler) -> bool:
+    """Our handler, or the bare stderr handler of a `logging.basicConfig()` that a library ran
+    at import (orbax does): replacing it keeps one format and keeps lines out of progress bars."""
+    if isinstance(handler, _TwindiffHandler):
+        return True
+    fmt = getattr(handler.formatter, "_fmt", None)
+    return (
+        type(handler) is logging.StreamHandler
+        and handler.stream is sys.stderr
+        and fmt in (None, logging.BASIC_FORMAT)
+    )
+
+
 def setup_logging(*, is_main: bool = True, default: str | int | None = None) -> None:
     """Configures the root logger for a run.
 
@@ -51,7 +65,7 @@ def setup_logging(*, is_main: bool = True, default: str | int | None = None) -> 
     """
     level = os.environ.get(LEVEL_ENV) or default or (logging.INFO if is_main else logging.WARNING)
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _TwindiffHandler)]:
+    for handler in [h for h in root.handlers if _ours_or_a_library_default(h)]:
         root.removeHandler(handler)
     if not root.handlers:  # a notebook or caller that configured logging keeps its handlers
         handler = _TwindiffHandler()

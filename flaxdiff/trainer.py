@@ -1,0 +1,472 @@
+"""The flax trainer: one state pytree, one pure jitted step, the shared run control around it.
+
+The file reads in three parts, as `torchdiff.trainer` does: `setup` builds a `Run` (model, data,
+strategy, state placed on the devices, restored from a checkpoint), `make_train_step` builds the
+pure `train_step(state, batch) -> (state, metrics)` that the strategy compiles once (pmap or a
+jit over a data x fsdp mesh, state donated), and `train` is the loop that handles the events of
+`shared.run.events` after each update. Checkpoints, resume rules, signals, the non-finite
+policy, the LR and EMA values and the summary are `shared.run`'s, so a flax run and a torch run
+of one config fire the same events at the same steps and write the same folder layout.
+
+State: ``{"step", "params", "opt_state", "ema", "ema_step", "rng"}``: `step` counts every update
+(it picks the LR and the noise key: ``fold_in(rng, step)``), `ema_step` counts the applied ones.
+
+This version trains the unconditional task (a pixel `UNet2DModel`, diffusers'
+`train_unconditional.py`); text2image and DreamBooth on flax are refused with a message naming the
+torch backend until their conditioning lands here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from flaxdiff import checkpoint, optim, parallel, sampling
+from flaxdiff.diffusion import Objective
+from flaxdiff.models import convert
+from flaxdiff.models.layers import ModelOptions
+from shared import cli, diffusers_format, hub, model_folders
+from shared.config import ConfigError, TrainConfig
+from shared.data import build_loader, build_source
+from shared.grids import save_grid
+from shared.plan import RunPlan, plan_run
+from shared.run import checkpoints, events, report, resume
+from shared.run import validation as validation_plan
+from shared.run.nonfinite import NonFiniteGuard
+from shared.run.output import prepare_output_dir
+from shared.run.process import ProcessGroup
+from shared.run.signals import StopSignal
+
+logger = logging.getLogger(__name__)
+
+# Flags whose torch feature has no JAX counterpart, with what to use instead.
+_REFUSED = {
+    "use_8bit_adam": "flax keeps AdamW moments in fp32 (a bf16 first moment is planned); remove it",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a task module adds: its name (the loop is the same for all)."""
+
+    name: str
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything `setup` builds; the step and the event handlers read it."""
+
+    cfg: TrainConfig
+    group: ProcessGroup
+    strategy: parallel.Strategy
+    plan: RunPlan
+    graphdef: Any
+    params_template: Any  # the nnx.State the pure params dict is poured into
+    rest: Any  # non-trainable variables (buffers), replicated constants of the step
+    scheduler_config: dict[str, Any]
+    state: dict[str, Any]
+    step_fn: Callable
+    loader: Any
+    guard: NonFiniteGuard
+    step: int = 0
+    step_times: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.checkpoint.output_dir)
+
+
+def _check_supported(cfg: TrainConfig) -> None:
+    if cfg.task != "unconditional":
+        raise ConfigError(
+            f"the flax trainer runs the unconditional task so far; train {cfg.task} with "
+            "--backend torch (python -m torchdiff." + cfg.task + ")"
+        )
+    for name, fix in _REFUSED.items():
+        if cfg.get(name):
+            raise ConfigError(f"--{name} has no flax counterpart: {fix}")
+
+
+def _scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DDPM schedule of `train_unconditional.py` (diffusers fills the other defaults)."""
+    d = cfg.diffusion
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": d.ddpm_num_steps,
+        "beta_schedule": d.ddpm_beta_schedule,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "prediction_type": d.prediction_type or "epsilon",
+        "variance_type": "fixed_small",
+        "clip_sample": True,
+    }
+
+
+def _pure(state: nnx.State) -> dict:
+    return state.to_pure_dict()
+
+
+def _poured(template: nnx.State, pure: dict) -> nnx.State:
+    state = jax.tree.map(lambda x: x, template)  # a copy: the template stays untouched
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def make_train_step(
+    *, graphdef, params_template, rest, objective: Objective, optimizer, strategy, cfg
+) -> Callable:
+    """The pure `train_step(state, batch) -> (state, metrics)` of one optimizer update."""
+    accumulation = cfg.training.gradient_accumulation_steps
+    use_ema = cfg.ema.use_ema
+
+    def micro_loss(params, micro, micro_step, key):
+        model = nnx.merge(graphdef, _poured(params_template, params), rest)
+        clean = micro["pixel_values"].astype(jnp.float32) / 127.5 - 1.0  # (B, H, W, C)
+        noised = objective.draw(jax.random.fold_in(key, micro_step), clean)
+        pred = model(noised.noisy, noised.timesteps)
+        if pred.shape[-1] == 2 * clean.shape[-1]:  # learned variance: train the mean half
+            pred = pred[..., : clean.shape[-1]]
+        return objective.loss(pred, noised)
+
+    def train_step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        key = strategy.fold_in_device(key)
+
+        def value_and_grad(params, micro, micro_step):
+            (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+                params, micro, micro_step, key
+            )
+            return (loss, metrics), grads
+
+        (loss, parts), grads = optim.accumulate_gradients(
+            value_and_grad, state["params"], batch, accumulation_steps=accumulation
+        )
+        loss, parts, grads = strategy.mean((loss, parts, grads))
+        update = optim.apply_gradients(
+            optimizer, grads, state["opt_state"], state["params"], step=state["step"], loss=loss
+        )
+        new = {
+            **state,
+            "step": state["step"] + 1,
+            "params": update.params,
+            "opt_state": update.opt_state,
+        }
+        if use_ema:
+            ema_step = state["ema_step"] + update.finite.astype(jnp.int32)
+            moved = optim.ema_update(state["ema"], update.params, step=ema_step, cfg_ema=cfg.ema)
+            new["ema"] = optim.select_tree(update.finite, moved, state["ema"])
+            new["ema_step"] = ema_step
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": update.grad_norm,
+            "train/finite": update.finite,
+            **{f"train/{k}": v for k, v in parts.items()},
+        }
+        if use_ema:
+            metrics["train/ema_decay"] = optim.ema_decay(new["ema_step"], cfg.ema)
+        return new, metrics
+
+    return train_step
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def setup(cfg: TrainConfig, task: Task) -> Run:
+    """Checks what can be checked, builds the model, data and state, restores a checkpoint."""
+    _check_supported(cfg)
+    group = checkpoint.process_group()
+    report.setup_logging(is_main=group.is_main)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
+    output_dir = prepare_output_dir(cfg, is_main=group.is_main)
+    group.barrier()
+    resume_from = checkpoints.find_resume(output_dir, cfg.checkpoint.resume_from_checkpoint)
+    start = 0
+    if resume_from is not None:
+        start = int(checkpoints.read_trainer_state(resume_from)["global_step"])
+        resume.check_resume_config(resume_from, cfg, step=start)
+    if cfg.hub.push_to_hub and group.is_main:
+        hub.check_access(cfg)
+    if cfg.logging.report_to != "none" and group.is_main:
+        logger.warning(
+            "--report_to %s: the flax trainer writes no tracker events yet (the progress bar and "
+            "train_summary.json report the run)",
+            cfg.logging.report_to,
+        )
+
+    strategy = parallel.strategy_from_config(cfg)
+    options = ModelOptions.from_config(cfg)
+    unet_config = {"_class_name": "UNet2DModel", **model_folders.unconditional_unet_config(cfg)}
+    unet = convert.init_model(unet_config, options=options, seed=cfg.seed)
+    graphdef, params_state, rest = nnx.split(unet, nnx.Param, ...)
+    scheduler_config = _scheduler_config(cfg)
+    source = build_source(cfg)
+    plan = plan_run(
+        cfg,
+        dataset_size=len(source),
+        num_devices=strategy.num_devices,
+        num_processes=strategy.process_count,
+    )
+    optimizer = optim.build_optimizer(
+        cfg, learning_rate=plan.learning_rate, total_steps=plan.max_train_steps
+    )
+    params = _pure(params_state)
+    host_state = {
+        "step": np.int32(0),
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "rng": np.asarray(jax.random.key_data(jax.random.key(cfg.seed))),
+    }
+    if cfg.ema.use_ema:
+        host_state["ema"] = jax.tree.map(np.array, params)
+        host_state["ema_step"] = np.int32(0)
+    guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, str(output_dir))
+    loader_state = None
+    if resume_from is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), host_state)
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        host_state = checkpoint.restore(resume_from, abstract, one_device, layout="mesh")
+        guard.restore(checkpoints.read_trainer_state(resume_from))
+        loader_state = checkpoints.read_loader_state(resume_from, group.index)
+        logger.info("resumed from %s at step %d", resume_from, start)
+    state = strategy.place(host_state)
+    objective = Objective.from_config(cfg, scheduler_config)
+    step_fn = strategy.compile(
+        make_train_step(
+            graphdef=graphdef,
+            params_template=params_state,
+            rest=rest,
+            objective=objective,
+            optimizer=optimizer,
+            strategy=strategy,
+            cfg=cfg,
+        )
+    )
+    loader = build_loader(
+        cfg,
+        source,
+        batch_size=plan.per_process_batch_size,
+        process_index=group.index,
+        process_count=group.count,
+        state=loader_state,
+    )
+    logger.info(
+        "%s on %d device(s) (%s): %s; %d updates of %d examples (lr %g)",
+        cfg.task,
+        strategy.num_devices,
+        strategy.name,
+        source.describe(),
+        plan.max_train_steps,
+        plan.effective_batch_size,
+        plan.learning_rate,
+    )
+    return Run(
+        cfg=cfg,
+        group=group,
+        strategy=strategy,
+        plan=plan,
+        graphdef=graphdef,
+        params_template=params_state,
+        rest=rest,
+        scheduler_config=scheduler_config,
+        state=state,
+        step_fn=step_fn,
+        loader=loader,
+        guard=guard,
+        step=start,
+    )
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def _layout(run: Run) -> str:
+    return "pmap" if run.strategy.name == "pmap" else "mesh"
+
+
+def save_checkpoint(run: Run) -> Path:
+    return checkpoint.save(
+        run.output_dir,
+        run.state,
+        group=run.group,
+        step=run.step,
+        trainer_state={"global_step": run.step, **run.guard.state()},
+        config_text=cli.to_yaml(run.cfg),
+        loader_state=run.loader.state(),
+        limit=run.cfg.checkpoint.checkpoints_total_limit,
+        layout=_layout(run),
+    )
+
+
+def _host_model(run: Run) -> nnx.Module:
+    """The trained model on the host, EMA weights when kept (for sampling and export)."""
+    params = run.strategy.unreplicate(run.state["ema" if run.cfg.ema.use_ema else "params"])
+    return nnx.merge(run.graphdef, _poured(run.params_template, params), run.rest)
+
+
+def validate(run: Run, tag: str = "validation") -> Path | None:
+    """Samples `--eval_batch_size` images with DDPM and saves the grid (main process)."""
+    cfg = run.cfg
+    if not run.group.is_main or not validation_plan.wants_validation(cfg):
+        return None
+    plan = validation_plan.plan_validation(cfg)
+    model = _host_model(run)
+    graphdef, state = nnx.split(model)
+    size, channels = cfg.data.resolution, model.config.in_channels
+    key = jax.random.key(plan.seed)
+    noise = jax.random.normal(key, (plan.images_per_prompt, size, size, channels))
+    sampler = sampling.sampler_from_config(run.scheduler_config, "DDPMScheduler")
+
+    @jax.jit
+    def draw(state, noise, key):
+        net = nnx.merge(graphdef, state)
+        return sampling.sample(
+            lambda x, t: net(x, t)[..., :channels],
+            noise,
+            scheduler=sampler,
+            num_inference_steps=plan.num_inference_steps,
+            key=key,
+        )
+
+    images = np.asarray(draw(state, noise, jax.random.fold_in(key, 1)))
+    images = np.clip(images / 2 + 0.5, 0.0, 1.0)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    path = save_grid(images, validation_plan.grid_path(cfg, tag=tag, step=run.step), rows=plan.rows)
+    logger.info("validation images of step %d: %s", run.step, path)
+    return path
+
+
+def export_pipeline(run: Run, *, commit: str | None = None) -> None:
+    """Writes a `DDPMPipeline` folder that diffusers loads (EMA weights with --use_ema)."""
+    if not checkpoint.all_finite(run.state):
+        from shared.errors import TrainingError
+
+        raise TrainingError(
+            f"the weights are not finite at step {run.step}: no export written; resume from the "
+            "last good checkpoint with a lower --learning_rate"
+        )
+    if not run.group.is_main:
+        return
+    model = _host_model(run)
+    with diffusers_format.staging_folder(run.output_dir) as staging:
+        convert.write_model(model, staging / "unet")
+        (staging / "scheduler").mkdir()
+        text = json.dumps(run.scheduler_config, indent=2) + "\n"
+        diffusers_format.atomic_write_text(staging / "scheduler" / "scheduler_config.json", text)
+        diffusers_format.write_model_index(
+            staging,
+            pipeline_class="DDPMPipeline",
+            components={
+                "unet": ("diffusers", "UNet2DModel"),
+                "scheduler": ("diffusers", "DDPMScheduler"),
+            },
+        )
+        diffusers_format.publish_pipeline(staging, run.output_dir)
+    if commit is not None and run.cfg.hub.push_to_hub:
+        hub.push(run.cfg, commit_message=commit)
+
+
+def _stop_requested(run: Run, stop: StopSignal) -> bool:
+    return not run.group.all_true(stop.requested is None)
+
+
+def _shard(run: Run, batches: list[dict[str, Any]]) -> Any:
+    """The micro-batches of one update as one device batch: (accumulation * B, H, W, C)."""
+    pixels = np.concatenate([b["pixel_values"] for b in batches])
+    return run.strategy.shard_batch({"pixel_values": pixels})
+
+
+def train(cfg: TrainConfig, task: Task) -> Path:
+    """Trains as `cfg` says and writes the diffusers folder; returns `--output_dir`."""
+    accumulation = cfg.training.gradient_accumulation_steps
+    with StopSignal() as stop:
+        run = setup(cfg, task)
+        lrs = optim.learning_rate_schedule(
+            cfg, base_lr=run.plan.learning_rate, total_steps=run.plan.max_train_steps
+        )
+        bar = tqdm(
+            total=run.plan.max_train_steps,
+            initial=run.step,
+            desc="steps",
+            disable=not run.group.is_main,
+        )
+        with run.loader, bar:
+            stop.start_training()
+            while run.step < run.plan.max_train_steps:
+                started = time.perf_counter()
+                epoch_before = run.loader.state()["epoch"]
+                batch = _shard(run, [next(run.loader) for _ in range(accumulation)])
+                run.state, metrics = run.step_fn(run.state, batch)
+                metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
+                run.step_times.append(time.perf_counter() - started)  # includes the compile once
+                lr = float(lrs(run.step))
+                run.step += 1
+                finite = bool(metrics.pop("train/finite"))
+                run.guard.record(
+                    step=run.step,
+                    finite=finite,
+                    loss=metrics["train/loss"],
+                    grad_norm=metrics["train/grad_norm"],
+                    lr=lr,
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.3g}")
+                due = events.after_update(
+                    cfg,
+                    step=run.step,
+                    epoch_before=epoch_before,
+                    epoch_after=run.loader.state()["epoch"],
+                )
+                if due.checkpoint:
+                    save_checkpoint(run)
+                if due.validate:
+                    validate(run)
+                if due.export:
+                    export_pipeline(run, commit=f"Epoch {due.finished_epochs[-1]}")
+                if _stop_requested(run, stop):
+                    if not due.checkpoint:
+                        save_checkpoint(run)
+                    logger.warning(
+                        "stopped by %s at step %d; resume with --resume_from_checkpoint latest",
+                        stop.requested or "a signal on another process",
+                        run.step,
+                    )
+                    return run.output_dir
+        export_pipeline(run)
+        image = validate(run, tag="final")
+        if run.group.is_main:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            report.write_summary(
+                run.output_dir,
+                steps=run.plan.max_train_steps,
+                step_times=run.step_times,
+                peak_memory_bytes=int(peak),
+                device=f"{jax.devices()[0].platform} x{run.strategy.num_devices}",
+                skipped_steps=run.guard.skipped,
+                extra={"parallelism": run.strategy.name},
+            )
+            if cfg.hub.push_to_hub:
+                images = [str(image.relative_to(run.output_dir))] if image else []
+                hub.push(cfg, commit_message="End of training", images=images)
+    return run.output_dir
+
+
+def main(task: Task, argv: Sequence[str] | None = None) -> int:
+    """`python -m flaxdiff.<task> ARGV`: parse the flags (and `--config` files), train."""
+    train(cli.parse_args(argv, task=task.name, backend="flax"), task)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,136 @@
+"""End-to-end runs of `python -m flaxdiff.unconditional` on the tiny DDPM UNet and offline digits.
+
+In process on one device: train with EMA and checkpoints, export, load the export with diffusers
+(PyTorch) and sample; resume exactly. In a subprocess with 8 virtual CPU devices: pmap and the
+mesh (data x fsdp) train the same config, and fsdp sharding gives the same weights as pure data
+parallelism.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from flaxdiff import unconditional
+from shared import cli, demo
+from shared.run import checkpoints
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return demo.write_digits_folder(tmp_path_factory.mktemp("digits"), limit=32)
+
+
+def _args(digits, out, *extra) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "models" / "tiny-ddpm.yaml"),
+        "--train_data_dir", str(digits), "--max_train_samples", "16", "--resolution", "32",
+        "--train_batch_size", "4", "--learning_rate", "1e-3", "--lr_scheduler", "constant",
+        "--eval_batch_size", "2", "--ddpm_num_inference_steps", "2",
+        "--save_images_epochs", "100", "--save_model_epochs", "100",
+        "--report_to", "none", "--output_dir", str(out), "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_trains_exports_for_diffusers_and_resumes_exactly(digits, tmp_path):
+    import torch
+    from diffusers import DDPMPipeline
+
+    common = ("--use_ema", "--checkpointing_steps", "2")
+    straight = tmp_path / "straight"
+    assert cli.run_main(lambda: unconditional.main(_args(digits, straight, *common,
+                                                          "--max_train_steps", "4"))) == 0  # fmt: skip
+    assert [p.name for p in checkpoints.list_checkpoints(straight)] == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert not checkpoints.verify(straight / "checkpoint-4")
+    assert (straight / "validation" / "final-000004.png").is_file()
+    summary = json.loads((straight / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0
+
+    # The export is a DDPMPipeline that diffusers (PyTorch) loads and samples.
+    pipeline = DDPMPipeline.from_pretrained(straight)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(
+        batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images  # fmt: skip
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+    # 2 updates, a stop, then a resume to 4: the same weights bit for bit.
+    resumed = tmp_path / "resumed"
+    assert cli.run_main(lambda: unconditional.main(_args(digits, resumed, *common,
+                                                          "--max_train_steps", "2"))) == 0  # fmt: skip
+    more = ("--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert cli.run_main(lambda: unconditional.main(_args(digits, resumed, *common, *more))) == 0
+    a, b = load_file(straight / UNET), load_file(resumed / UNET)  # the EMA weights
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert checkpoints.read_loader_state(straight / "checkpoint-4", 0) == (
+        checkpoints.read_loader_state(resumed / "checkpoint-4", 0)
+    )
+
+
+def test_a_diverging_flax_run_stops_with_one_line(digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _args(digits, out, "--learning_rate", "1e6", "--max_train_steps", "8",
+                 "--max_nonfinite_steps", "2", "--checkpointing_steps", "1")  # fmt: skip
+    assert cli.run_main(lambda: unconditional.main(args)) == 2
+    err = capsys.readouterr().err
+    assert "consecutive steps" in err and "Traceback" not in err
+    for path in checkpoints.list_checkpoints(out):
+        assert not checkpoints.verify(path)  # every checkpoint written is whole and finite
+    assert not (out / "model_index.json").exists()
+
+
+_EIGHT_DEVICES = """
+import json, sys
+from flaxdiff import unconditional
+args = json.loads(sys.argv[1])
+sys.exit(unconditional.main(args))
+"""
+
+
+def test_pmap_and_mesh_on_eight_devices(digits, tmp_path):
+    """8 virtual devices: pmap trains; the mesh with fsdp 2 gives the weights of fsdp 1.
+
+    `--adam_epsilon 1` makes AdamW's step proportional to the gradient (not its sign), so the
+    weights compare the gradients: sharded reductions sum in another order, and a plain Adam step
+    would turn a rounding difference of a near-zero gradient into a full +-lr step.
+    """
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    outputs = {}
+    for name, flags in {
+        "pmap": ("--parallelism", "pmap"),
+        "mesh-fsdp1": ("--parallelism", "mesh", "--fsdp_size", "1"),
+        "mesh-fsdp2": ("--parallelism", "mesh", "--fsdp_size", "2"),
+    }.items():
+        out = tmp_path / name
+        args = _args(digits, out, "--train_batch_size", "1", "--max_train_samples", "16",
+                     "--max_train_steps", "2", "--checkpointing_steps", "2",
+                     "--adam_epsilon", "1.0", "--learning_rate", "1.0", *flags)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", _EIGHT_DEVICES, json.dumps(args)],
+            capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["device"] == "cpu x8" and summary["parallelism"] == name.split("-")[0]
+        outputs[name] = load_file(out / UNET)
+    one, two = outputs["mesh-fsdp1"], outputs["mesh-fsdp2"]
+    for key in one:
+        scale = max(1.0, float(np.abs(one[key]).max()))
+        np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-5 * scale, err_msg=key)
