@@ -11,15 +11,15 @@ of one config fire the same events at the same steps and write the same folder l
 State: ``{"step", "params", "opt_state", "ema", "ema_step", "rng"}``: `step` counts every update
 (it picks the LR and the noise key: ``fold_in(rng, step)``), `ema_step` counts the applied ones.
 
-This version trains the unconditional task (a pixel `UNet2DModel`, diffusers'
-`train_unconditional.py`); text2image and DreamBooth on flax are refused with a message naming the
-torch backend until their conditioning lands here.
+All three tasks run here: the unconditional `UNet2DModel` on pixels, and Stable Diffusion's
+`UNet2DConditionModel` on VAE latents conditioned on CLIP text (text2image, DreamBooth with prior
+preservation and generated class images). The VAE and the text encoder are frozen; training the
+text encoder (`--train_text_encoder`) is torch-only for now and refused with that message.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import resource
 import sys
@@ -35,12 +35,21 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from flaxdiff import checkpoint, optim, parallel, sampling
+from flaxdiff.components import (
+    CLASS_IMAGE_STEPS,
+    Components,
+    Prompts,
+    export,
+    load_components,
+    make_text_sampler,
+)
 from flaxdiff.diffusion import Objective
-from flaxdiff.models import convert
 from flaxdiff.models.layers import ModelOptions
-from shared import cli, diffusers_format, hub, model_folders
+from shared import cli, hub
 from shared.config import ConfigError, TrainConfig
 from shared.data import build_loader, build_source
+from shared.data.class_images import generate_class_images
+from shared.errors import TrainingError
 from shared.grids import save_grid
 from shared.plan import RunPlan, plan_run
 from shared.run import checkpoints, events, report, resume
@@ -49,12 +58,16 @@ from shared.run.nonfinite import NonFiniteGuard
 from shared.run.output import prepare_output_dir
 from shared.run.process import ProcessGroup
 from shared.run.signals import StopSignal
+from shared.run.task import TaskSpec, task_spec
 
 logger = logging.getLogger(__name__)
 
 # Flags whose torch feature has no JAX counterpart, with what to use instead.
 _REFUSED = {
     "use_8bit_adam": "flax keeps AdamW moments in fp32 (a bf16 first moment is planned); remove it",
+    "train_text_encoder": "the flax trainer keeps the text encoder frozen so far; use --backend "
+    "torch to train it",
+    "class_labels_conditioning": "DeepFloyd IF's class labels are torch-only; use --backend torch",
 }
 
 
@@ -70,16 +83,18 @@ class Run:
     """Everything `setup` builds; the step and the event handlers read it."""
 
     cfg: TrainConfig
+    spec: TaskSpec
     group: ProcessGroup
     strategy: parallel.Strategy
     plan: RunPlan
+    components: Components
     graphdef: Any
     params_template: Any  # the nnx.State the pure params dict is poured into
     rest: Any  # non-trainable variables (buffers), replicated constants of the step
-    scheduler_config: dict[str, Any]
     state: dict[str, Any]
     step_fn: Callable
     loader: Any
+    prompts: Prompts | None
     guard: NonFiniteGuard
     step: int = 0
     step_times: list[float] = dataclasses.field(default_factory=list)
@@ -90,29 +105,9 @@ class Run:
 
 
 def _check_supported(cfg: TrainConfig) -> None:
-    if cfg.task != "unconditional":
-        raise ConfigError(
-            f"the flax trainer runs the unconditional task so far; train {cfg.task} with "
-            "--backend torch (python -m torchdiff." + cfg.task + ")"
-        )
     for name, fix in _REFUSED.items():
         if cfg.get(name):
             raise ConfigError(f"--{name} has no flax counterpart: {fix}")
-
-
-def _scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DDPM schedule of `train_unconditional.py` (diffusers fills the other defaults)."""
-    d = cfg.diffusion
-    return {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": d.ddpm_num_steps,
-        "beta_schedule": d.ddpm_beta_schedule,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "prediction_type": d.prediction_type or "epsilon",
-        "variance_type": "fixed_small",
-        "clip_sample": True,
-    }
 
 
 def _pure(state: nnx.State) -> dict:
@@ -125,31 +120,76 @@ def _poured(template: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """The frozen models' graph definitions; their weights ride in `state["frozen"]`."""
+
+    vae_def: Any = None
+    vae_template: Any = None
+    text_def: Any = None
+    text_template: Any = None
+
+
+def _pixels(x: jax.Array) -> jax.Array:
+    """uint8 (or float in [0, 1]) NHWC -> float32 in [-1, 1], on the device."""
+    if x.dtype == jnp.uint8:
+        return x.astype(jnp.float32) / 127.5 - 1.0
+    return x.astype(jnp.float32) * 2.0 - 1.0
+
+
 def make_train_step(
-    *, graphdef, params_template, rest, objective: Objective, optimizer, strategy, cfg
-) -> Callable:
+    *, graphdef, params_template, rest, frozen: Frozen, objective: Objective, optimizer,
+    strategy, cfg, spec: TaskSpec,
+) -> Callable:  # fmt: skip
     """The pure `train_step(state, batch) -> (state, metrics)` of one optimizer update."""
     accumulation = cfg.training.gradient_accumulation_steps
     use_ema = cfg.ema.use_ema
+    use_mask = cfg.prompts.text_encoder_use_attention_mask
 
-    def micro_loss(params, micro, micro_step, key):
-        model = nnx.merge(graphdef, _poured(params_template, params), rest)
-        clean = micro["pixel_values"].astype(jnp.float32) / 127.5 - 1.0  # (B, H, W, C)
-        noised = objective.draw(jax.random.fold_in(key, micro_step), clean)
-        pred = model(noised.noisy, noised.timesteps)
-        if pred.shape[-1] == 2 * clean.shape[-1]:  # learned variance: train the mean half
-            pred = pred[..., : clean.shape[-1]]
-        return objective.loss(pred, noised)
+    def micro_loss(params, frozen_weights, micro, micro_step, key):
+        unet = nnx.merge(graphdef, _poured(params_template, params), rest)
+        noise_key, vae_key = jax.random.split(jax.random.fold_in(key, micro_step))
+        pixels = _pixels(micro["pixel_values"])  # (B, H, W, 3)
+        if spec.prior_preservation:  # instance then class examples, each device its own halves
+            pixels = jnp.concatenate([pixels, _pixels(micro["class_pixel_values"])])
+        if spec.latent:
+            vae = nnx.merge(frozen.vae_def, _poured(frozen.vae_template, frozen_weights["vae"]))
+            clean = jax.lax.stop_gradient(vae.latents_from_images(pixels, vae_key))
+        else:
+            clean = pixels
+        context = None
+        if spec.text_conditioned:
+            text = nnx.merge(
+                frozen.text_def, _poured(frozen.text_template, frozen_weights["text_encoder"])
+            )
+            ids, mask = micro["input_ids"], micro["attention_mask"]
+            if spec.prior_preservation:
+                ids = jnp.concatenate([ids, micro["class_input_ids"]])
+                mask = jnp.concatenate([mask, micro["class_attention_mask"]])
+            states = text(ids, mask if use_mask else None).last_hidden_state  # (B, L, D)
+            context = jax.lax.stop_gradient(states)
+
+        def predict(noisy, timesteps):
+            out = unet(noisy, timesteps) if context is None else unet(noisy, timesteps, context)
+            # Learned-variance UNets predict (mean, variance): train the mean half.
+            return out[..., : clean.shape[-1]] if out.shape[-1] == 2 * clean.shape[-1] else out
+
+        noised = objective.draw(noise_key, clean)
+        if spec.dream:
+            noised = objective.dream(
+                noised, predict, detail_preservation=cfg.diffusion.dream_detail_preservation
+            )
+        return objective.loss(predict(noised.noisy, noised.timesteps), noised)
 
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         key = strategy.fold_in_device(key)
+        frozen_weights = state.get("frozen", {})
 
         def value_and_grad(params, micro, micro_step):
-            (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
-                params, micro, micro_step, key
+            return jax.value_and_grad(micro_loss, has_aux=True)(
+                params, frozen_weights, micro, micro_step, key
             )
-            return (loss, metrics), grads
 
         (loss, parts), grads = optim.accumulate_gradients(
             value_and_grad, state["params"], batch, accumulation_steps=accumulation
@@ -208,12 +248,22 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
         )
 
     strategy = parallel.strategy_from_config(cfg)
-    options = ModelOptions.from_config(cfg)
-    unet_config = {"_class_name": "UNet2DModel", **model_folders.unconditional_unet_config(cfg)}
-    unet = convert.init_model(unet_config, options=options, seed=cfg.seed)
-    graphdef, params_state, rest = nnx.split(unet, nnx.Param, ...)
-    scheduler_config = _scheduler_config(cfg)
-    source = build_source(cfg)
+    spec = task_spec(cfg)
+    components = load_components(cfg, ModelOptions.from_config(cfg))
+    if spec.makes_class_images:
+        make_class_images(cfg, components, group)
+    graphdef, params_state, rest = nnx.split(components.unet, nnx.Param, ...)
+    frozen, frozen_weights = Frozen(), {}
+    if spec.latent:
+        vae_def, vae_state = nnx.split(components.vae)
+        text_def, text_state = nnx.split(components.text_encoder)
+        frozen = Frozen(vae_def, vae_state, text_def, text_state)
+        frozen_weights = {"vae": _pure(vae_state), "text_encoder": _pure(text_state)}
+    if group.is_main:
+        source = build_source(cfg)  # the main process verifies the images; the others reuse it
+    group.barrier()
+    if not group.is_main:
+        source = build_source(cfg)
     plan = plan_run(
         cfg,
         dataset_size=len(source),
@@ -242,19 +292,23 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
         guard.restore(checkpoints.read_trainer_state(resume_from))
         loader_state = checkpoints.read_loader_state(resume_from, group.index)
         logger.info("resumed from %s at step %d", resume_from, start)
+    if frozen_weights:
+        host_state["frozen"] = frozen_weights  # never checkpointed: it is the base model's
     state = strategy.place(host_state)
-    objective = Objective.from_config(cfg, scheduler_config)
     step_fn = strategy.compile(
         make_train_step(
             graphdef=graphdef,
             params_template=params_state,
             rest=rest,
-            objective=objective,
+            frozen=frozen,
+            objective=Objective.from_config(cfg, components.scheduler_config),
             optimizer=optimizer,
             strategy=strategy,
             cfg=cfg,
+            spec=spec,
         )
     )
+    prompts = Prompts(cfg, components.tokenizer_dir) if spec.text_conditioned else None
     loader = build_loader(
         cfg,
         source,
@@ -275,19 +329,47 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
     )
     return Run(
         cfg=cfg,
+        spec=spec,
         group=group,
         strategy=strategy,
         plan=plan,
+        components=components,
         graphdef=graphdef,
         params_template=params_state,
         rest=rest,
-        scheduler_config=scheduler_config,
         state=state,
         step_fn=step_fn,
         loader=loader,
+        prompts=prompts,
         guard=guard,
         step=start,
     )
+
+
+def make_class_images(cfg: TrainConfig, components: Components, group: ProcessGroup) -> int:
+    """DreamBooth's missing class images, sampled with the base model (shared planning)."""
+    draw = make_text_sampler(
+        components,
+        cfg,
+        unet_def=nnx.graphdef(components.unet),
+        scheduler_name="DPMSolverMultistepScheduler",
+        steps=CLASS_IMAGE_STEPS,
+    )
+    prompts = Prompts(cfg, components.tokenizer_dir)
+    unet_state = nnx.state(components.unet)
+    base = jax.random.fold_in(jax.random.key(cfg.seed), group.index)
+    counter = iter(range(1 << 30))
+
+    def sample(batch_prompts: list[str]) -> list[np.ndarray]:
+        images = []
+        for prompt in batch_prompts:
+            tokens = prompts(["", prompt])
+            keys = jax.random.split(jax.random.fold_in(base, next(counter)), 1)
+            out = draw(unet_state, tokens["input_ids"], tokens["attention_mask"], keys)
+            images.append((np.asarray(out[0]) * 255 + 0.5).astype(np.uint8))
+        return images
+
+    return generate_class_images(cfg, sample, group=group)
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -298,9 +380,11 @@ def _layout(run: Run) -> str:
 
 
 def save_checkpoint(run: Run) -> Path:
+    # The frozen VAE and text encoder are the base model's: a checkpoint holds what training changed.
+    trained = {k: v for k, v in run.state.items() if k != "frozen"}
     return checkpoint.save(
         run.output_dir,
-        run.state,
+        trained,
         group=run.group,
         step=run.step,
         trainer_state={"global_step": run.step, **run.guard.state()},
@@ -312,23 +396,17 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def _host_model(run: Run) -> nnx.Module:
-    """The trained model on the host, EMA weights when kept (for sampling and export)."""
+    """The trained UNet on the host, EMA weights when kept (for sampling and export)."""
     params = run.strategy.unreplicate(run.state["ema" if run.cfg.ema.use_ema else "params"])
     return nnx.merge(run.graphdef, _poured(run.params_template, params), run.rest)
 
 
-def validate(run: Run, tag: str = "validation") -> Path | None:
-    """Samples `--eval_batch_size` images with DDPM and saves the grid (main process)."""
-    cfg = run.cfg
-    if not run.group.is_main or not validation_plan.wants_validation(cfg):
-        return None
-    plan = validation_plan.plan_validation(cfg)
-    model = _host_model(run)
+def _sample_ddpm(run: Run, model: nnx.Module, plan) -> np.ndarray:
     graphdef, state = nnx.split(model)
-    size, channels = cfg.data.resolution, model.config.in_channels
+    size, channels = run.cfg.data.resolution, model.config.in_channels
     key = jax.random.key(plan.seed)
     noise = jax.random.normal(key, (plan.images_per_prompt, size, size, channels))
-    sampler = sampling.sampler_from_config(run.scheduler_config, "DDPMScheduler")
+    sampler = sampling.sampler_from_config(run.components.scheduler_config, "DDPMScheduler")
 
     @jax.jit
     def draw(state, noise, key):
@@ -341,41 +419,56 @@ def validate(run: Run, tag: str = "validation") -> Path | None:
             key=key,
         )
 
-    images = np.asarray(draw(state, noise, jax.random.fold_in(key, 1)))
-    images = np.clip(images / 2 + 0.5, 0.0, 1.0)
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
+    images = np.clip(np.asarray(draw(state, noise, jax.random.fold_in(key, 1))) / 2 + 0.5, 0, 1)
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def _sample_text(run: Run, model: nnx.Module, plan) -> np.ndarray:
+    graphdef, state = nnx.split(model)
+    draw = make_text_sampler(
+        run.components,
+        run.cfg,
+        unet_def=graphdef,
+        scheduler_name=run.cfg.validation.validation_scheduler,
+        steps=plan.num_inference_steps,
+    )
+    key = jax.random.key(plan.seed)
+    images = []
+    for i, prompt in enumerate(plan.prompts):
+        tokens = run.prompts(["", prompt])
+        keys = jax.random.split(jax.random.fold_in(key, i), plan.images_per_prompt)
+        images.append(np.asarray(draw(state, tokens["input_ids"], tokens["attention_mask"], keys)))
+    return np.concatenate(images)
+
+
+def validate(run: Run, tag: str = "validation") -> Path | None:
+    """Samples the validation round of `shared.run.validation` and saves its grid (main process)."""
+    cfg = run.cfg
+    if not run.group.is_main or not validation_plan.wants_validation(cfg):
+        return None
+    plan = validation_plan.plan_validation(cfg)
+    model = _host_model(run)
+    images = _sample_text(run, model, plan) if run.spec.latent else _sample_ddpm(run, model, plan)
     path = save_grid(images, validation_plan.grid_path(cfg, tag=tag, step=run.step), rows=plan.rows)
     logger.info("validation images of step %d: %s", run.step, path)
     return path
 
 
 def export_pipeline(run: Run, *, commit: str | None = None) -> None:
-    """Writes a `DDPMPipeline` folder that diffusers loads (EMA weights with --use_ema)."""
+    """Writes the diffusers folder (EMA weights with --use_ema); refuses non-finite weights."""
     if not checkpoint.all_finite(run.state):
-        from shared.errors import TrainingError
-
         raise TrainingError(
             f"the weights are not finite at step {run.step}: no export written; resume from the "
             "last good checkpoint with a lower --learning_rate"
         )
     if not run.group.is_main:
         return
-    model = _host_model(run)
-    with diffusers_format.staging_folder(run.output_dir) as staging:
-        convert.write_model(model, staging / "unet")
-        (staging / "scheduler").mkdir()
-        text = json.dumps(run.scheduler_config, indent=2) + "\n"
-        diffusers_format.atomic_write_text(staging / "scheduler" / "scheduler_config.json", text)
-        diffusers_format.write_model_index(
-            staging,
-            pipeline_class="DDPMPipeline",
-            components={
-                "unet": ("diffusers", "UNet2DModel"),
-                "scheduler": ("diffusers", "DDPMScheduler"),
-            },
-        )
-        diffusers_format.publish_pipeline(staging, run.output_dir)
+    export(
+        run.components,
+        _host_model(run),
+        run.output_dir,
+        save_text_encoder=run.spec.save_text_encoder,
+    )
     if commit is not None and run.cfg.hub.push_to_hub:
         hub.push(run.cfg, commit_message=commit)
 
@@ -385,9 +478,21 @@ def _stop_requested(run: Run, stop: StopSignal) -> bool:
 
 
 def _shard(run: Run, batches: list[dict[str, Any]]) -> Any:
-    """The micro-batches of one update as one device batch: (accumulation * B, H, W, C)."""
-    pixels = np.concatenate([b["pixel_values"] for b in batches])
-    return run.strategy.shard_batch({"pixel_values": pixels})
+    """The micro-batches of one update as one device batch (accumulation x B rows per key)."""
+    device_batch = {"pixel_values": np.concatenate([b["pixel_values"] for b in batches])}
+    if run.spec.prior_preservation:
+        device_batch["class_pixel_values"] = np.concatenate(
+            [b["class_pixel_values"] for b in batches]
+        )
+    if run.prompts is not None:
+        captions = [c for b in batches for c in b["captions"]]
+        device_batch.update(run.prompts(captions))
+        if run.spec.prior_preservation:
+            class_prompts = [c for b in batches for c in b["class_prompt"]]
+            tokens = run.prompts(class_prompts)
+            device_batch["class_input_ids"] = tokens["input_ids"]
+            device_batch["class_attention_mask"] = tokens["attention_mask"]
+    return run.strategy.shard_batch(device_batch)
 
 
 def train(cfg: TrainConfig, task: Task) -> Path:

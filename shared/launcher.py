@@ -15,16 +15,12 @@ import json
 import logging
 import runpy
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from shared import cli
 from shared import config as C
 from shared.config import ConfigError
-from shared.plan import plan_run
 from shared.run.report import setup_logging
 
 logger = logging.getLogger("twindiff")
@@ -55,6 +51,7 @@ def run_task(task: str, backend: str, args: Sequence[str]) -> None:
     """Runs `python -m {backend}diff.{task} args` in this process."""
     if backend not in C.BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
+    check_backend_installed(backend)
     module = _backend_module(backend, task)
     if module is None:
         raise ConfigError(f"this twindiff has no {backend}diff.{task} module to run")
@@ -77,11 +74,23 @@ def demo_args(assets, flags: Sequence[str]) -> list[str]:
     ]  # fmt: skip
 
 
+FRAMEWORKS = {"flax": ("jax", "flax"), "torch": ("torch", "torch")}  # backend -> (module, extra)
+
+
+def check_backend_installed(backend: str) -> None:
+    """A clear error when the backend's framework is missing (a TPU VM has no torch)."""
+    module, extra = FRAMEWORKS[backend]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f'--backend {backend} needs {module}: pip install -e ".[{extra},data]" (or pick the '
+            "other --backend)"
+        )
+
+
 def default_demo_backend() -> str:
-    """The first backend (flax, then torch) whose DreamBooth trainer and framework are installed."""
-    frameworks = {"flax": "jax", "torch": "torch"}
+    """The first backend (flax, then torch) whose framework is installed."""
     for backend in C.BACKENDS:
-        if importlib.util.find_spec(frameworks[backend]) and _backend_module(backend, "dreambooth"):
+        if importlib.util.find_spec(FRAMEWORKS[backend][0]) is not None:
             return backend
     return C.BACKENDS[0]
 
@@ -105,89 +114,21 @@ def _print_training_report(report: dict) -> None:
 
 
 def run_demo(args: list[str]) -> dict:
-    """The offline demo: build the assets, then train with the backend, or run the data pipeline."""
+    """The offline demo: build the assets, then train DreamBooth on the tiny model."""
     from shared.demo import build_demo_assets
 
     backend = _pop_option(args, "backend", None) or default_demo_backend()
+    if backend not in C.BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
+    check_backend_installed(backend)
     assets_dir = _pop_option(args, "assets", None)
     _, cli_values = cli.parse_cli(args)
     output_dir = cli_values.get("output_dir") or cli.load_yaml(DEMO_CONFIG)["output_dir"]
     assets = build_demo_assets(assets_dir or str(Path(output_dir) / "assets"))
-    argv = demo_args(assets, args)
-    module = _backend_module(backend, "dreambooth")
-    if module is not None:
-        run_task("dreambooth", backend, argv)
-        report = {"trained_with": module, "output_dir": output_dir}
-        _print_training_report(report)
-        return report
-    cfg = cli.parse_args(argv, task="dreambooth", backend=backend)
-    return run_data_pipeline(cfg)
-
-
-def run_data_pipeline(cfg: C.TrainConfig) -> dict:
-    """Everything a training run does before the model: config, data, prompts; a report of it."""
-    from shared.data import build_loader, build_source
-    from shared.grids import save_grid
-    from shared.prompts import ClipTokenizer
-
-    out = Path(cfg.checkpoint.output_dir)
-    cli.save_config(cfg, out / "config.yaml")
-    source = build_source(cfg)
-    tokenizer = ClipTokenizer.from_pretrained(cfg.model.tokenizer_name)
-    max_length = cfg.prompts.tokenizer_max_length
-
-    def tokenize(captions):
-        tokens = tokenizer(captions, max_length=max_length)
-        return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
-
-    plan = plan_run(cfg, dataset_size=len(source))
-    steps = plan.max_train_steps * cfg.training.gradient_accumulation_steps
-    start = time.perf_counter()
-    with build_loader(
-        cfg, source, batch_size=plan.per_process_batch_size, collate_text=tokenize
-    ) as loader:
-        first = next(loader)
-        for _ in range(steps - 1):
-            next(loader)
-        state = loader.state()
-    seconds = time.perf_counter() - start
-    rows = [first["pixel_values"]]  # instance images, then class images under them
-    if "class_pixel_values" in first:
-        rows.append(first["class_pixel_values"])
-    grid = save_grid(np.concatenate(rows), out / "samples" / "first-batch.png", rows=len(rows))
-    (out / "loader-state.json").write_text(json.dumps(state) + "\n")
-    report = {
-        "source": source.describe(),
-        "plan": plan,
-        "batches": steps,
-        "seconds": seconds,
-        "shapes": {k: (v.shape, str(v.dtype)) for k, v in first.items() if hasattr(v, "shape")},
-        "first_caption": first["captions"][0],
-        "first_input_ids": first["input_ids"][0].tolist(),
-        "loader_state": state,
-        "files": [str(out / "config.yaml"), str(grid), str(out / "loader-state.json")],
-    }
-    _print_report(cfg, report)
+    run_task("dreambooth", backend, demo_args(assets, args))
+    report = {"trained_with": f"{backend}diff.dreambooth", "output_dir": output_dir}
+    _print_training_report(report)
     return report
-
-
-def _print_report(cfg: C.TrainConfig, report: dict) -> None:
-    plan = report["plan"]
-    ids = report["first_input_ids"]
-    shown = ids[: ids.index(ids[-1]) + 1] if ids else ids
-    lines = [
-        f"twindiff demo: {cfg.task} on {cfg.backend} ({cfg.data.resolution}px, seed {cfg.seed})",
-        f"  data      {report['source']}",
-        f"  plan      {plan.max_train_steps} steps, batch {plan.per_process_batch_size} per step, "
-        f"lr {plan.learning_rate:g}",
-        f"  loader    {report['batches']} batches in {report['seconds']:.2f} s, position {report['loader_state']}",
-        *(f"  batch     {k}: {shape} {dtype}" for k, (shape, dtype) in report["shapes"].items()),
-        f"  prompt    {report['first_caption']!r} -> {shown}",
-        *(f"  wrote     {path}" for path in report["files"]),
-        f"  training  no {cfg.backend}diff trainer is installed in this version of twindiff; "
-        "this run checked the config, data and prompt pipeline it will use",
-    ]
-    print("\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared import model_folders, schedules
-from shared.config import TrainConfig
+from shared.config import ConfigError, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,9 @@ def task_spec(cfg: TrainConfig) -> TaskSpec:
 def objective_options(cfg: TrainConfig, scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
     """The loss terms of a run, as both backends' `Objective(**options)` take them.
 
+    Raises:
+      ConfigError: `--dream_training` with a prediction type other than epsilon.
+
     Returns:
       ``alphas_cumprod`` (float64 (T,), from the scheduler config), ``prediction_type``
       (`--prediction_type`, else the scheduler's, else "epsilon"), ``snr_gamma``, ``noise_offset``
@@ -80,11 +83,17 @@ def objective_options(cfg: TrainConfig, scheduler_config: Mapping[str, Any]) -> 
       ``prior_loss_weight`` (None without prior preservation).
     """
     d = cfg.diffusion
+    prediction_type = model_folders.prediction_type(cfg, scheduler_config)
+    if task_spec(cfg).dream and prediction_type != "epsilon":
+        raise ConfigError(
+            f"--dream_training works with epsilon prediction only (as in diffusers); this model "
+            f"predicts {prediction_type}: pass --prediction_type epsilon or drop --dream_training"
+        )
     return {
         "alphas_cumprod": schedules.NoiseSchedule.from_scheduler_config(
             scheduler_config
         ).alphas_cumprod,
-        "prediction_type": model_folders.prediction_type(cfg, scheduler_config),
+        "prediction_type": prediction_type,
         "snr_gamma": d.snr_gamma,
         "noise_offset": cfg.noise_offset_scale,
         "input_perturbation": d.input_perturbation,

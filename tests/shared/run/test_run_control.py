@@ -326,3 +326,18 @@ def test_summary(tmp_path):
     summary = json.loads(path.read_text())
     assert summary["mean_step_seconds"] == 1.5 and summary["first_step_seconds"] == 3.0
     assert summary["steps_this_run"] == 3 and summary["skipped_steps"] == 0
+
+
+def test_objective_options_refuse_dream_without_epsilon(tmp_path):
+    from shared.run.task import objective_options
+
+    scheduler = {"num_train_timesteps": 10, "prediction_type": "v_prediction"}
+    options = objective_options(text2image(tmp_path, snr_gamma=5.0), scheduler)
+    assert options["prediction_type"] == "v_prediction" and options["snr_gamma"] == 5.0
+    assert options["prior_loss_weight"] is None and options["alphas_cumprod"].shape == (10,)
+    with pytest.raises(ConfigError, match="--dream_training works with epsilon prediction only"):
+        objective_options(text2image(tmp_path, dream_training=True), scheduler)
+    dream = objective_options(
+        text2image(tmp_path, dream_training=True, prediction_type="epsilon"), scheduler
+    )
+    assert dream["prediction_type"] == "epsilon"
