@@ -97,10 +97,21 @@ def load_components(cfg: TrainConfig, options: ModelOptions) -> Components:
         vae = pipe.models.get("vae")
         if m.pretrained_vae_name_or_path is not None:
             vae = convert.from_diffusers(m.pretrained_vae_name_or_path, options=options)
+        unet = pipe["unet"]
+        if cfg.task == "text2image" and m.non_ema_revision is not None:
+            # As train_text_to_image.py: train from the non-EMA weights kept at another revision.
+            unet = convert.from_diffusers(
+                m.pretrained_model_name_or_path,
+                subfolder="unet",
+                revision=m.non_ema_revision,
+                variant=m.variant,
+                options=options,
+            )
+            pipe.models["unet"] = unet
         path = pipe.folder / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(path.read_text())
         components = Components(
-            pipe["unet"], vae, pipe["text_encoder"], tokenizer_dir, scheduler_config, pipe
+            unet, vae, pipe["text_encoder"], tokenizer_dir, scheduler_config, pipe
         )
     else:
         models = {
