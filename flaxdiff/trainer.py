@@ -473,10 +473,6 @@ def export_pipeline(run: Run, *, commit: str | None = None) -> None:
         hub.push(run.cfg, commit_message=commit)
 
 
-def _stop_requested(run: Run, stop: StopSignal) -> bool:
-    return not run.group.all_true(stop.requested is None)
-
-
 def _shard(run: Run, batches: list[dict[str, Any]]) -> Any:
     """The micro-batches of one update as one device batch (accumulation x B rows per key)."""
     device_batch = {"pixel_values": np.concatenate([b["pixel_values"] for b in batches])}
@@ -509,6 +505,12 @@ def train(cfg: TrainConfig, task: Task) -> Path:
             desc="steps",
             disable=not run.group.is_main,
         )
+        handlers = events.Handlers(
+            checkpoint=lambda: save_checkpoint(run),
+            validate=lambda: validate(run),
+            export=lambda commit: export_pipeline(run, commit=commit),
+            stop_requested=lambda: stop.requested_anywhere(run.group),
+        )
         with run.loader, bar:
             stop.start_training()
             while run.step < run.plan.max_train_steps:
@@ -536,20 +538,7 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                     epoch_before=epoch_before,
                     epoch_after=run.loader.state()["epoch"],
                 )
-                if due.checkpoint:
-                    save_checkpoint(run)
-                if due.validate:
-                    validate(run)
-                if due.export:
-                    export_pipeline(run, commit=f"Epoch {due.finished_epochs[-1]}")
-                if _stop_requested(run, stop):
-                    if not due.checkpoint:
-                        save_checkpoint(run)
-                    logger.warning(
-                        "stopped by %s at step %d; resume with --resume_from_checkpoint latest",
-                        stop.requested or "a signal on another process",
-                        run.step,
-                    )
+                if events.handle(due, handlers, step=run.step):
                     return run.output_dir
         export_pipeline(run)
         image = validate(run, tag="final")

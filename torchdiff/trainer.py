@@ -452,14 +452,6 @@ def export_pipeline(run: Run, *, commit: str | None) -> None:
     accelerator.wait_for_everyone()
 
 
-def _stop_requested(run: Run, stop: StopSignal) -> bool:
-    """Whether any process got a stop signal: all stop at the same step."""
-    if run.group.count == 1:
-        return stop.requested is not None
-    flag = torch.tensor([float(stop.requested is not None)], device=run.device)
-    return bool(run.accelerator.gather(flag).max().item())
-
-
 def _next_batches(run: Run) -> list[dict[str, Any]]:
     return [next(run.loader) for _ in range(run.cfg.training.gradient_accumulation_steps)]
 
@@ -473,6 +465,12 @@ def train(cfg: TrainConfig, task: Task) -> Path:
             initial=run.step,
             desc="steps",
             disable=not run.accelerator.is_local_main_process,
+        )
+        handlers = events.Handlers(
+            checkpoint=lambda: save_checkpoint(run),
+            validate=lambda: validate(run),
+            export=lambda commit: export_pipeline(run, commit=commit),
+            stop_requested=lambda: stop.requested_anywhere(run.group),
         )
         with run.loader, bar:  # the bar ends its line even when the run stops with an error
             stop.start_training()
@@ -490,22 +488,9 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                     epoch_before=epoch_before,
                     epoch_after=run.loader.state()["epoch"],
                 )
-                if due.checkpoint:
-                    save_checkpoint(run)
-                if due.validate:
-                    validate(run)
-                if due.export:
-                    export_pipeline(run, commit=f"Epoch {due.finished_epochs[-1]}")
-                if _stop_requested(run, stop):
-                    if not due.checkpoint:
-                        save_checkpoint(run)
+                if events.handle(due, handlers, step=run.step):
                     bar.close()
                     _end_training(run.accelerator)
-                    logger.warning(
-                        "stopped by %s at step %d; resume with --resume_from_checkpoint latest",
-                        stop.requested or "a signal on another process",
-                        run.step,
-                    )
                     return run.output_dir
         export_pipeline(run, commit=None)
         validate(run, tag="final")

@@ -16,10 +16,13 @@ The final export and a final validation always run after the last update.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
 from shared.config import TrainConfig
 from shared.run.task import task_spec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,3 +66,37 @@ def after_update(cfg: TrainConfig, *, step: int, epoch_before: int, epoch_after:
         export=due(task_spec(cfg).export_epochs, epoch_counts),
         finished_epochs=finished,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Handlers:
+    """What a trainer does for each event; `shared` decides when and in which order."""
+
+    checkpoint: Callable[[], object]
+    validate: Callable[[], object]
+    export: Callable[[str], object]  # the Hub commit message of an export during training
+    stop_requested: Callable[[], str | None]  # the signal's name once any process got one
+
+
+def handle(due: Events, handlers: Handlers, *, step: int) -> bool:
+    """Runs the events due after update `step`, in one order for both backends: checkpoint,
+    validation, export, then a stop request (a checkpoint of this step, unless it has one).
+
+    Returns:
+      True when a stop signal ends the run here (the caller exits 0 after its cleanup).
+    """
+    if due.checkpoint:
+        handlers.checkpoint()
+    if due.validate:
+        handlers.validate()
+    if due.export:
+        handlers.export(f"Epoch {due.finished_epochs[-1]}")
+    stopped = handlers.stop_requested()
+    if stopped is None:
+        return False
+    if not due.checkpoint:
+        handlers.checkpoint()
+    logger.warning(
+        "stopped by %s at step %d; resume with --resume_from_checkpoint latest", stopped, step
+    )
+    return True

@@ -60,6 +60,13 @@ class StopSignal:
             signal.signal(signum, previous)
         self._previous.clear()
 
+    def requested_anywhere(self, group) -> str | None:
+        """The signal's name when any process of `group` (a `shared.run.process.ProcessGroup`)
+        got one, else None; a collective, so every process stops at the same step."""
+        if group.all_true(self.requested is None):
+            return None
+        return self.requested or "a signal on another process"
+
     def start_training(self) -> None:
         """From now on a signal asks for a checkpoint and a stop instead of raising."""
         self.training = True

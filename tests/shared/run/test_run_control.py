@@ -341,3 +341,35 @@ def test_objective_options_refuse_dream_without_epsilon(tmp_path):
         text2image(tmp_path, dream_training=True, prediction_type="epsilon"), scheduler
     )
     assert dream["prediction_type"] == "epsilon"
+
+
+def test_handle_runs_events_in_order_and_checkpoints_a_stop_once():
+    calls = []
+    stop = {"name": None}
+    handlers = events.Handlers(
+        checkpoint=lambda: calls.append("checkpoint"),
+        validate=lambda: calls.append("validate"),
+        export=lambda commit: calls.append(f"export {commit}"),
+        stop_requested=lambda: stop["name"],
+    )
+    due = events.Events(checkpoint=True, validate=True, export=True, finished_epochs=(2,))
+    assert not events.handle(due, handlers, step=6)
+    assert calls == ["checkpoint", "validate", "export Epoch 2"]
+    calls.clear()
+    stop["name"] = "SIGTERM"
+    assert events.handle(events.Events(), handlers, step=7)
+    assert calls == ["checkpoint"]  # the stop's own checkpoint
+    calls.clear()
+    assert events.handle(events.Events(checkpoint=True), handlers, step=8)
+    assert calls == ["checkpoint"]  # not twice
+
+
+def test_a_stop_anywhere_is_a_stop_everywhere():
+    from shared.run.process import ProcessGroup
+
+    stop = StopSignal()
+    assert stop.requested_anywhere(ProcessGroup()) is None
+    other_process_stopped = ProcessGroup(index=0, count=2, all_true=lambda flag: False)
+    assert stop.requested_anywhere(other_process_stopped) == "a signal on another process"
+    stop.requested = "SIGINT"
+    assert stop.requested_anywhere(ProcessGroup()) == "SIGINT"
