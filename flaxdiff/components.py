@@ -62,28 +62,13 @@ class Components:
         return self.vae is not None
 
 
-def _ddpm_schedule(cfg: TrainConfig) -> dict[str, Any]:
-    """The DDPM schedule of `train_unconditional.py` (diffusers fills the other defaults)."""
-    d = cfg.diffusion
-    return {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": d.ddpm_num_steps,
-        "beta_schedule": d.ddpm_beta_schedule,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "prediction_type": d.prediction_type or "epsilon",
-        "variance_type": "fixed_small",
-        "clip_sample": True,
-    }
-
-
 def load_components(cfg: TrainConfig, options: ModelOptions) -> Components:
     """Loads or builds the models of `cfg`'s task (fp32 parameters, `options` for compute)."""
     m = cfg.model
     if cfg.task == "unconditional":
         config = {"_class_name": "UNet2DModel", **model_folders.unconditional_unet_config(cfg)}
         unet = convert.init_model(config, options=options, seed=cfg.seed)
-        return Components(unet, None, None, None, _ddpm_schedule(cfg))
+        return Components(unet, None, None, None, model_folders.ddpm_scheduler_config(cfg))
     tokenizer_dir = model_folders.tokenizer_dir(cfg)
     if m.pretrained_model_name_or_path is not None:
         pipe = convert.from_diffusers(

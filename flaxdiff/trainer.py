@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -543,12 +542,11 @@ def train(cfg: TrainConfig, task: Task) -> Path:
         export_pipeline(run)
         image = validate(run, tag="final")
         if run.group.is_main:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             report.write_summary(
                 run.output_dir,
                 steps=run.plan.max_train_steps,
                 step_times=run.step_times,
-                peak_memory_bytes=int(peak),
+                peak_memory_bytes=report.peak_rss_bytes(),
                 device=f"{jax.devices()[0].platform} x{run.strategy.num_devices}",
                 skipped_steps=run.guard.skipped,
                 extra={"parallelism": run.strategy.name},

@@ -187,6 +187,23 @@ def check_class(config: Mapping[str, Any], expected: str, where: str) -> dict[st
     return config
 
 
+def ddpm_scheduler_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The noise schedule of `train_unconditional.py` as a diffusers `scheduler_config.json`
+    dict: `--ddpm_num_steps`, `--ddpm_beta_schedule`, `--prediction_type`, and DDPMScheduler's
+    defaults written out (so a backend without diffusers reads the same schedule)."""
+    d = cfg.diffusion
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": d.ddpm_num_steps,
+        "beta_schedule": d.ddpm_beta_schedule,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "prediction_type": prediction_type(cfg, {}),
+        "variance_type": "fixed_small",
+        "clip_sample": True,
+    }
+
+
 def unconditional_unet_config(cfg: TrainConfig) -> dict[str, Any]:
     """The config of the UNet2DModel an unconditional run builds (as ``train_unconditional.py``).
 

@@ -21,6 +21,7 @@ from diffusers.models.attention_processor import (
 )
 
 from shared.config import TrainConfig
+from shared.run.report import peak_rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +148,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource  # POSIX only: imported here so CUDA-only callers never need it.
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in KiB on Linux but in bytes on macOS.
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return peak_rss_bytes()
 
 
 # glibc's mallopt parameters (malloc.h).

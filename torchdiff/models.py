@@ -105,15 +105,10 @@ def _warn_ignored(cfg: TrainConfig, names: tuple[str, ...], instead: str) -> Non
 
 
 def _unconditional(cfg: TrainConfig) -> Components:
-    d = cfg.diffusion
     _warn_ignored(cfg, ("vae_config", "text_encoder_config", "scheduler_config"), "--ddpm_* flags")
     config = model_folders.unconditional_unet_config(cfg)
     unet = _seeded(cfg, lambda: diffusers.UNet2DModel.from_config(config))
-    scheduler = diffusers.DDPMScheduler(
-        num_train_timesteps=d.ddpm_num_steps,
-        beta_schedule=d.ddpm_beta_schedule,
-        prediction_type=model_folders.prediction_type(cfg, {}),
-    )
+    scheduler = diffusers.DDPMScheduler.from_config(model_folders.ddpm_scheduler_config(cfg))
     return Components(unet, scheduler, vae=None, text_encoder=None, tokenizer_dir=None, base=None)
 
 

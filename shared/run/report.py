@@ -86,6 +86,15 @@ def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     return flat
 
 
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process (Python, libraries and host arrays included):
+    the peak-memory figure of a run on a CPU."""
+    import resource  # POSIX only: imported here so that importing this module never needs it
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # KiB on Linux, bytes on macOS
+
+
 def write_summary(
     output_dir: str | os.PathLike,
     *,
