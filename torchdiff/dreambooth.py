@@ -14,9 +14,8 @@ from collections.abc import Sequence
 
 from shared import cli
 from torchdiff import trainer
-from torchdiff.class_images import ensure_class_images
 
-TASK = trainer.Task(name="dreambooth", prepare=ensure_class_images)
+TASK = trainer.Task(name="dreambooth")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from shared.run.process import ProcessGroup
 from shared.run.signals import StopSignal
 from shared.run.task import TaskSpec, task_spec
 from torchdiff import checkpoint, export, memory, models, optim, validation
+from torchdiff.class_images import ensure_class_images
 from torchdiff.conditioning import TextConditioner
 from torchdiff.diffusion import Objective
 
@@ -49,16 +50,9 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What a task module adds to the shared `TaskSpec`.
-
-    Attributes:
-      name: "unconditional", "text2image" or "dreambooth".
-      prepare: runs once after the models load and before the data is read (DreamBooth makes
-        its missing class images here).
-    """
+    """What a task module adds: its name (the shared `TaskSpec` says the rest)."""
 
     name: str
-    prepare: Callable[[TrainConfig, models.Components, Any], None] | None = None
 
 
 @dataclasses.dataclass
@@ -184,8 +178,8 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
     device = accelerator.device
 
     components = models.load_components(cfg)
-    if task.prepare is not None:
-        task.prepare(cfg, components, accelerator)
+    if spec.makes_class_images:  # before the data is read: the source lists them
+        ensure_class_images(cfg, components, accelerator)
     with accelerator.main_process_first():  # the main process verifies images, the rest reuse it
         source = build_source(cfg)
     n = accelerator.num_processes
