@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flaxdiff import checkpoint, optim, parallel, sampling
+from flaxdiff import checkpoint, distributed, optim, parallel, sampling
 from flaxdiff.components import (
     CLASS_IMAGE_STEPS,
     Components,
@@ -559,6 +559,7 @@ def train(cfg: TrainConfig, task: Task) -> Path:
 
 def main(task: Task, argv: Sequence[str] | None = None) -> int:
     """`python -m flaxdiff.<task> ARGV`: parse the flags (and `--config` files), train."""
+    distributed.initialize()  # before anything asks JAX for its devices
     train(cli.parse_args(argv, task=task.name, backend="flax"), task)
     sys.stdout.flush()
     return 0

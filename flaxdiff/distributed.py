@@ -1,0 +1,74 @@
+"""Joining the processes of a multi-host run, before JAX touches a device.
+
+Every process of a multi-host run starts the same program; `jax.distributed.initialize` connects
+them so `jax.devices()` lists every host's devices and collectives span the hosts. When it is
+called:
+
+- ``JAX_COORDINATOR_ADDRESS`` is set (any machine, e.g. two local processes on 127.0.0.1):
+  with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` from the environment, which must be set too;
+- on a Cloud TPU VM slice with more than one worker (``TPU_WORKER_HOSTNAMES`` lists several, or
+  JAX's own TPU cluster detection says so): without arguments, JAX reads the slice's metadata;
+- otherwise not: one process, its local devices.
+
+Already-initialized runtimes (a test that initialized first) are left as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from shared.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={value!r}: a multi-process run with JAX_COORDINATOR_ADDRESS needs "
+            f"{', '.join(_ENV[1:])} set to integers on every process"
+        ) from None
+
+
+def _tpu_slice_has_workers() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def _initialized() -> bool:
+    from jax._src import distributed as jax_distributed  # the only place the state is kept
+
+    return jax_distributed.global_state.client is not None
+
+
+def initialize() -> bool:
+    """Connects this process to the others when the environment describes a multi-process run.
+
+    Returns whether `jax.distributed.initialize` was called (now or before).
+    """
+    if _initialized():
+        return True
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator:
+        count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+        if not 0 <= index < count:
+            raise ConfigError(
+                f"JAX_PROCESS_ID={index} with JAX_NUM_PROCESSES={count}: the id must be in "
+                f"0..{count - 1}"
+            )
+        jax.distributed.initialize(coordinator, num_processes=count, process_id=index)
+        logger.info("process %d of %d (coordinator %s)", index, count, coordinator)
+        return True
+    if _tpu_slice_has_workers():
+        jax.distributed.initialize()
+        logger.info("TPU slice: process %d of %d", jax.process_index(), jax.process_count())
+        return True
+    return False
