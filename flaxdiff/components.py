@@ -17,6 +17,7 @@ prompts with them, under `stop_gradient`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -62,18 +63,24 @@ class Components:
         return self.vae is not None
 
 
-def load_components(cfg: TrainConfig, options: ModelOptions) -> Components:
-    """Loads or builds the models of `cfg`'s task (fp32 parameters, `options` for compute)."""
+def load_components(
+    cfg: TrainConfig, options: ModelOptions, *, abstract: bool = False
+) -> Components:
+    """Loads or builds the models of `cfg`'s task (fp32 parameters, `options` for compute).
+
+    `abstract`: shapes only (`nnx.eval_shape`; pretrained folders and hub ids read their configs,
+    not their weights), for compiling a step ahead of time (`flaxdiff.plan`). No tokenizer is
+    read then (`tokenizer_dir` is None): `text_length` gives the prompt length.
+    """
     m = cfg.model
     if cfg.task == "unconditional":
         config = {"_class_name": "UNet2DModel", **model_folders.unconditional_unet_config(cfg)}
-        unet = convert.init_model(config, options=options, seed=cfg.seed)
+        unet = convert.init_model(config, options=options, seed=cfg.seed, abstract=abstract)
         return Components(unet, None, None, None, model_folders.ddpm_scheduler_config(cfg))
-    tokenizer_dir = model_folders.tokenizer_dir(cfg)
+    tokenizer_dir = None if abstract else model_folders.tokenizer_dir(cfg)
     if m.pretrained_model_name_or_path is not None:
-        pipe = convert.from_diffusers(
-            m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant, options=options
-        )
+        load = functools.partial(convert.from_diffusers, options=options, abstract=abstract)
+        pipe = load(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant)
         if not isinstance(pipe, convert.FlaxPipeline):
             raise ConfigError(
                 f"--pretrained_model_name_or_path {m.pretrained_model_name_or_path} is one model, "
@@ -81,16 +88,15 @@ def load_components(cfg: TrainConfig, options: ModelOptions) -> Components:
             )
         vae = pipe.models.get("vae")
         if m.pretrained_vae_name_or_path is not None:
-            vae = convert.from_diffusers(m.pretrained_vae_name_or_path, options=options)
+            vae = load(m.pretrained_vae_name_or_path)
         unet = pipe["unet"]
         if cfg.task == "text2image" and m.non_ema_revision is not None:
             # As train_text_to_image.py: train from the non-EMA weights kept at another revision.
-            unet = convert.from_diffusers(
+            unet = load(
                 m.pretrained_model_name_or_path,
                 subfolder="unet",
                 revision=m.non_ema_revision,
                 variant=m.variant,
-                options=options,
             )
             pipe.models["unet"] = unet
         path = pipe.folder / "scheduler" / "scheduler_config.json"
@@ -101,20 +107,29 @@ def load_components(cfg: TrainConfig, options: ModelOptions) -> Components:
     else:
         models = {
             name: convert.init_model(
-                thaw(getattr(m, f"{name}_config")), options=options, seed=cfg.seed
+                thaw(getattr(m, f"{name}_config")), options=options, seed=cfg.seed,
+                abstract=abstract,
             )
             for name in ("unet", "vae", "text_encoder")
-        }
+        }  # fmt: skip
         components = Components(
             models["unet"], models["vae"], models["text_encoder"], tokenizer_dir,
             thaw(m.scheduler_config),
         )  # fmt: skip
-    vocab = components.text_encoder.config.vocab_size
-    model_folders.check_vocab(tokenizer_dir, vocab)
+    if tokenizer_dir is not None:
+        model_folders.check_vocab(tokenizer_dir, components.text_encoder.config.vocab_size)
     components.scheduler_config["prediction_type"] = model_folders.prediction_type(
         cfg, components.scheduler_config
     )
     return components
+
+
+def text_length(cfg: TrainConfig, components: Components) -> int:
+    """Tokens per prompt: ``--tokenizer_max_length``, else the text encoder's positions (77 for
+    CLIP; the tokenizer's `model_max_length` equals it)."""
+    return (
+        cfg.prompts.tokenizer_max_length or components.text_encoder.config.max_position_embeddings
+    )
 
 
 class Prompts:
@@ -132,42 +147,63 @@ class Prompts:
         }
 
 
-def make_text_sampler(components: Components, cfg: TrainConfig, *, unet_def, scheduler_name: str,
-                      steps: int):  # fmt: skip
-    """`draw(unet_state, ids, mask, keys) -> images (n, H, W, 3) in [0, 1]`: n = len(keys) images
-    of one prompt (`ids`/`mask`: the empty prompt then the prompt, (2, L)), with classifier-free
-    guidance against the empty prompt, as StableDiffusionPipeline samples."""
-    sampler = sampling.sampler_from_config(components.scheduler_config, scheduler_name)
-    use_mask = cfg.prompts.text_encoder_use_attention_mask
-    # diffusers' vae_scale_factor: the VAE halves the size at every block but the last.
-    size = cfg.data.resolution // 2 ** (len(components.vae.config.block_out_channels) - 1)
-    channels = components.unet.config.in_channels
-    te_def, te_state = nnx.split(components.text_encoder)
-    vae_def, vae_state = nnx.split(components.vae)
+class TextSampler:
+    """Stable Diffusion sampling with classifier-free guidance, as StableDiffusionPipeline does.
 
-    @jax.jit
-    def draw(unet_state, ids, mask, keys):
-        unet = nnx.merge(unet_def, unet_state)
-        te = nnx.merge(te_def, te_state)
-        vae = nnx.merge(vae_def, vae_state)
-        states = te(ids, mask if use_mask else None).last_hidden_state  # (2, L, D): "", prompt
-        uncond, cond = states[:1], states[1:]
-        n = keys.shape[0]
-        noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(keys)
-        cond, uncond = (jnp.repeat(s, n, axis=0) for s in (cond, uncond))
-        denoise = sampling.guided(lambda x, t, c: unet(x, t, c), cond, uncond, GUIDANCE_SCALE)
-        latents = sampling.sample(denoise, noise, scheduler=sampler, num_inference_steps=steps)
-        return jnp.clip(vae.images_from_latents(latents) / 2 + 0.5, 0.0, 1.0)
+    `encode(text_state, tokens) -> (n, L, D)` runs the text encoder (weights as an argument, so
+    a trained one is sampled with its current weights); `draw(unet_state, states, keys)` draws
+    ``len(keys)`` images of one prompt, `states` being (2, L, D): the empty prompt's then the
+    prompt's (encoded, or pre-computed with ``--pre_compute_text_embeddings``), and returns them
+    (n, H, W, 3) in [0, 1]. The VAE's weights are passed in, never baked into the program.
+    """
 
-    return draw
+    def __init__(self, components: Components, cfg: TrainConfig, *, scheduler_name: str,
+                 steps: int):  # fmt: skip
+        sampler = sampling.sampler_from_config(components.scheduler_config, scheduler_name)
+        use_mask = cfg.prompts.text_encoder_use_attention_mask
+        # diffusers' vae_scale_factor: the VAE halves the size at every block but the last.
+        size = cfg.data.resolution // 2 ** (len(components.vae.config.block_out_channels) - 1)
+        channels = components.unet.config.in_channels
+        unet_def = nnx.graphdef(components.unet)
+        text_def = nnx.graphdef(components.text_encoder)
+        vae_def, self._vae_state = nnx.split(components.vae)
+
+        @jax.jit
+        def encode(text_state, ids, mask):
+            text = nnx.merge(text_def, text_state)
+            return text(ids, mask if use_mask else None).last_hidden_state
+
+        @jax.jit
+        def draw(unet_state, vae_state, states, keys):
+            unet = nnx.merge(unet_def, unet_state)
+            vae = nnx.merge(vae_def, vae_state)
+            n = keys.shape[0]
+            noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(keys)
+            uncond, cond = (jnp.repeat(s[None], n, axis=0) for s in states)
+            denoise = sampling.guided(lambda x, t, c: unet(x, t, c), cond, uncond, GUIDANCE_SCALE)
+            latents = sampling.sample(denoise, noise, scheduler=sampler, num_inference_steps=steps)
+            return jnp.clip(vae.images_from_latents(latents) / 2 + 0.5, 0.0, 1.0)
+
+        self._encode, self._draw = encode, draw
+
+    def encode(self, text_state: Any, tokens: dict[str, np.ndarray]) -> jax.Array:
+        return self._encode(text_state, tokens["input_ids"], tokens["attention_mask"])
+
+    def draw(self, unet_state: Any, states: Any, keys: jax.Array) -> jax.Array:
+        return self._draw(unet_state, self._vae_state, states, keys)
 
 
 def export(components: Components, unet: nnx.Module, output_dir: str | Path, *,
-           save_text_encoder: bool = True) -> Path:  # fmt: skip
-    """Writes the diffusers pipeline folder (`DDPMPipeline` or `StableDiffusionPipeline`)."""
+           save_text_encoder: bool = True, text_encoder: nnx.Module | None = None) -> Path:  # fmt: skip
+    """Writes the diffusers pipeline folder (`DDPMPipeline` or `StableDiffusionPipeline`).
+
+    `text_encoder`: the trained one (``--train_text_encoder``); default the base model's.
+    """
     output_dir = Path(output_dir)
+    text_encoder = text_encoder or components.text_encoder
     if components.pipeline is not None and save_text_encoder:
-        return convert.to_diffusers(components.pipeline, output_dir, models={"unet": unet})
+        trained = {"unet": unet, "text_encoder": text_encoder}
+        return convert.to_diffusers(components.pipeline, output_dir, models=trained)
     with diffusers_format.staging_folder(output_dir) as staging:
         convert.write_model(unet, staging / "unet")
         (staging / "scheduler").mkdir()
@@ -187,7 +223,7 @@ def export(components: Components, unet: nnx.Module, output_dir: str | Path, *,
         else:
             convert.write_model(components.vae, staging / "vae")
             if save_text_encoder:
-                convert.write_model(components.text_encoder, staging / "text_encoder")
+                convert.write_model(text_encoder, staging / "text_encoder")
             shutil.copytree(components.tokenizer_dir, staging / "tokenizer")
             diffusers_format.write_model_index(
                 staging,

@@ -118,12 +118,94 @@ def scale_by_learning_rate_at_step(
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
+# A fixed key: the stochastic rounding's bits are a function of Adam's count and the leaf's
+# position alone, the same on every replica and on a resumed run.
+_ROUNDING_SEED = 0
+
+
+def stochastic_round_to_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
+    """`x` rounded to bfloat16 up or down, up with probability its distance to the lower value.
+
+    Adding 16 uniform random bits below bfloat16's last mantissa bit and truncating makes the
+    rounding unbiased, `E[round(x)] = x`. Non-finite values are rounded to nearest (the carry
+    could turn a NaN into a zero).
+
+    Args:
+      x: float32 (or float64, first rounded to float32) array.
+      bits: uint32 array shaped like `x`, values below 2**16, uniformly random.
+
+    Returns:
+      bfloat16 array shaped like `x`.
+    """
+    x = x.astype(jnp.float32)
+    raised = jax.lax.bitcast_convert_type(x, jnp.uint32) + bits
+    truncated = jax.lax.bitcast_convert_type(raised & jnp.uint32(0xFFFF0000), jnp.float32)
+    # The truncation left bfloat16's bits only: the cast is exact.
+    return jnp.where(jnp.isfinite(x), truncated, x).astype(jnp.bfloat16)
+
+
+def scale_by_adam_bfloat16_moments(
+    *, b1: float, b2: float, eps: float
+) -> optax.GradientTransformation:
+    """`optax.scale_by_adam` with both moments stored in bfloat16 (half the float32 bytes).
+
+    Each update casts the stored moments up to the gradients' dtype, runs `optax.scale_by_adam`
+    on them (so the moment updates, the bias correction and the eps placement are optax's, in
+    float32), takes the step from the float32 moments, and only then rounds them to bfloat16 for
+    storage. The state is optax's `ScaleByAdamState`, so checkpoints and sharding rules see the
+    same tree as the float32 path, with bfloat16 leaves.
+
+    The rounding is stochastic, not to nearest. With round-to-nearest the second moment would
+    be biased: an update moves `nu` by `(1 - b2) * (g**2 - nu)`, at most 0.1% of `nu` downwards
+    with b2 = 0.999, and bfloat16's half-ulp is 0.2-0.4%, so `nu` could only ratchet up
+    (measured: 2x the float32 value after 10k steps at a constant gradient scale, and stuck at
+    the old value when the gradients shrink). Stochastic rounding keeps each stored moment equal
+    to the float32 one in expectation; it adds noise instead, about 2% (one standard deviation)
+    on each element's `sqrt(nu_hat)`, as much as float32 `nu`'s own sampling noise over its
+    1/(1 - b2) window. Its bits come from Adam's count and the leaf's position; one uint32 per
+    element serves both moments (high half for `mu`, low half for `nu`).
+
+    Args:
+      b1: AdamW beta1.
+      b2: AdamW beta2.
+      eps: AdamW epsilon, added to `sqrt(nu_hat)` as optax and torch do.
+
+    Returns:
+      An optax transformation with `ScaleByAdamState(count, mu, nu)`, `mu` and `nu` bfloat16.
+    """
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+    def init_fn(params):
+        state = adam.init(params)
+        return state._replace(
+            mu=optax.tree.cast(state.mu, jnp.bfloat16), nu=optax.tree.cast(state.nu, jnp.bfloat16)
+        )
+
+    def update_fn(updates, state, params=None):
+        wide = state._replace(
+            mu=optax.tree.cast_like(state.mu, updates), nu=optax.tree.cast_like(state.nu, updates)
+        )
+        updates, new = adam.update(updates, wide, params)
+        key = jax.random.fold_in(jax.random.key(_ROUNDING_SEED), new.count)
+        mu_leaves, treedef = jax.tree.flatten(new.mu)
+        mu, nu = [], []
+        for index, (m, v) in enumerate(zip(mu_leaves, jax.tree.leaves(new.nu), strict=True)):
+            bits = jax.random.bits(jax.random.fold_in(key, index), m.shape, jnp.uint32)
+            mu.append(stochastic_round_to_bfloat16(m, bits >> 16))
+            nu.append(stochastic_round_to_bfloat16(v, bits & jnp.uint32(0xFFFF)))
+        return updates, new._replace(
+            mu=jax.tree.unflatten(treedef, mu), nu=jax.tree.unflatten(treedef, nu)
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def build_optimizer(
     cfg: TrainConfig,
     *,
     learning_rate: float,
     total_steps: int,
-    moments_dtype: jnp.dtype | None = None,
+    moments_dtype: str | jnp.dtype | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Gradient clipping then AdamW with the `--lr_scheduler` schedule, as torch's AdamW steps.
 
@@ -139,13 +221,14 @@ def build_optimizer(
 
     Args:
       cfg: the run config; reads `cfg.optim` (`max_grad_norm`, `adam_beta1/2`, `adam_epsilon`,
-        `adam_weight_decay`, the schedule flags). `--use_8bit_adam` is a bitsandbytes option and
-        is not read here; `moments_dtype` is the JAX way to save optimizer memory.
+        `adam_weight_decay`, the schedule flags) and `cfg.flax.adam_moments_dtype`.
+        `--use_8bit_adam` is a bitsandbytes option and is not read here;
+        `--adam_moments_dtype=bfloat16` is the JAX way to save optimizer memory.
       learning_rate: the peak LR, after `--scale_lr`.
       total_steps: the run's total optimizer updates.
-      moments_dtype: storage dtype of Adam's first moment (e.g. `jnp.bfloat16`), or None for the
-        params' dtype. The second moment stays in the params' dtype: with beta2 = 0.999 each
-        update changes it by 0.1%, below bfloat16's resolution (0.4%), so it would stop moving.
+      moments_dtype: storage dtype of both Adam moments, "float32" or "bfloat16" (or the jnp
+        dtype); None reads `--adam_moments_dtype`. float32 is `optax.scale_by_adam` (moments in
+        the params' dtype), bfloat16 is `scale_by_adam_bfloat16_moments`.
 
     Returns:
       An optax transformation; `update(grads, opt_state, params, step=...)` needs `params`
@@ -153,14 +236,20 @@ def build_optimizer(
 
     Raises:
       ConfigError: a schedule that would fail mid-run.
+      ValueError: a `moments_dtype` other than float32 or bfloat16.
     """
     o = cfg.optim
+    dtype = jnp.dtype(cfg.flax.adam_moments_dtype if moments_dtype is None else moments_dtype)
+    if dtype == jnp.float32:
+        adam = optax.scale_by_adam(b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_epsilon)
+    elif dtype == jnp.bfloat16:
+        adam = scale_by_adam_bfloat16_moments(b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_epsilon)
+    else:
+        raise ValueError(f"Adam moments are stored in float32 or bfloat16, not {dtype}")
     schedule = learning_rate_schedule(cfg, base_lr=learning_rate, total_steps=total_steps)
     return optax.chain(
         clip_by_global_norm_torch(o.max_grad_norm),
-        optax.scale_by_adam(
-            b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_epsilon, mu_dtype=moments_dtype
-        ),
+        adam,
         optax.add_decayed_weights(o.adam_weight_decay),
         scale_by_learning_rate_at_step(schedule),
     )

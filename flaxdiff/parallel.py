@@ -41,6 +41,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from flaxdiff.models.attention import target_platform
 from shared.config import TrainConfig
 from shared.errors import ConfigError
 
@@ -296,13 +297,18 @@ class Strategy(abc.ABC):
       local_batch_size: examples this process loads per micro-batch
         (`RunPlan.per_process_batch_size`).
       global_batch_size: examples per micro-batch over all processes.
+      platform: the devices' platform ("tpu", "gpu", "cpu"): the step is traced for it
+        (`flaxdiff.models.attention.target_platform`), which may differ from this process's
+        when the devices are a TPU topology compiled for ahead of time (`flaxdiff.plan`).
     """
 
     name: str
 
-    def __init__(self, *, per_device_batch_size: int, num_devices: int, local_device_count: int):
+    def __init__(self, *, per_device_batch_size: int, num_devices: int, local_device_count: int,
+                 platform: str):  # fmt: skip
         if per_device_batch_size < 1:
             raise ConfigError(f"--train_batch_size must be at least 1, got {per_device_batch_size}")
+        self.platform = platform
         self.per_device_batch_size = per_device_batch_size
         self.num_devices = num_devices
         self.local_device_count = local_device_count
@@ -344,6 +350,23 @@ class Strategy(abc.ABC):
         """
 
     @abc.abstractmethod
+    def abstract_inputs(self, abstract_state: Any, abstract_batch: Any) -> tuple[Any, Any]:
+        """The compiled step's arguments as `jax.ShapeDtypeStruct`s laid out on the devices, for
+        `compile(step).lower(*abstract_inputs(...))`: shapes only, nothing allocated.
+
+        Args:
+          abstract_state: the host state's shapes (as `place` takes it).
+          abstract_batch: this process's batch shapes (as `shard_batch` takes it).
+        """
+
+    def _traced_for_platform(self, step_fn: StepFn, **mesh: Any) -> StepFn:
+        def step(state, batch):
+            with target_platform(self.platform, **mesh):
+                return step_fn(state, batch)
+
+        return step
+
+    @abc.abstractmethod
     def mean(self, tree: Any) -> Any:
         """Inside the step: the mean over all devices of per-device values (loss, grads, metrics)."""
 
@@ -362,12 +385,16 @@ class PmapStrategy(Strategy):
 
     name = "pmap"
 
-    def __init__(self, *, per_device_batch_size: int):
-        self.devices = jax.local_devices()
+    def __init__(self, *, per_device_batch_size: int, devices: Sequence[jax.Device] | None = None):
+        """`devices`: default this process's; a TPU topology's devices plan a step for them."""
+        self.devices = list(jax.local_devices() if devices is None else devices)
+        # Named to jax.pmap only when given: on several hosts it would want every host's.
+        self._pmap_devices = None if devices is None else self.devices
         super().__init__(
             per_device_batch_size=per_device_batch_size,
-            num_devices=jax.device_count(),
+            num_devices=jax.device_count() if devices is None else len(self.devices),
             local_device_count=len(self.devices),
+            platform=self.devices[0].platform,
         )
         # jax.pmap runs as jit + shard_map over this layout: one slice of a leading axis per
         # local device. Arrays laid out so pass into the pmapped step without a copy.
@@ -415,7 +442,25 @@ class PmapStrategy(Strategy):
         return jax.tree.map(split, batch)
 
     def compile(self, step_fn: StepFn, *, donate: bool = True) -> StepFn:
-        return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
+        return jax.pmap(
+            self._traced_for_platform(step_fn),
+            axis_name=PMAP_AXIS,
+            donate_argnums=(0,) if donate else (),
+            devices=self._pmap_devices,
+        )
+
+    def abstract_inputs(self, abstract_state: Any, abstract_batch: Any) -> tuple[Any, Any]:
+        n = len(self.devices)
+
+        def stacked(x, split: bool):
+            shape = np.shape(x)
+            shape = (n, shape[0] // n, *shape[1:]) if split else (n, *shape)
+            return jax.ShapeDtypeStruct(shape, x.dtype)
+
+        return (
+            jax.tree.map(lambda x: stacked(x, False), abstract_state),
+            jax.tree.map(lambda x: stacked(x, True), abstract_batch),
+        )
 
     def mean(self, tree: Any) -> Any:
         return jax.lax.pmean(tree, PMAP_AXIS)
@@ -452,10 +497,14 @@ class MeshStrategy(Strategy):
         rules: Sequence[ShardingRule] = DEFAULT_RULES,
         min_shard_size: int = MIN_SHARD_SIZE,
     ):
+        devices = list(mesh.devices.flat)
+        process = {d.process_index for d in devices}
+        local = mesh.local_devices if jax.process_index() in process else devices
         super().__init__(
             per_device_batch_size=per_device_batch_size,
             num_devices=mesh.size,
-            local_device_count=len(mesh.local_devices),
+            local_device_count=len(local),
+            platform=devices[0].platform,
         )
         self.mesh = mesh
         self.rules = tuple(rules)
@@ -476,7 +525,12 @@ class MeshStrategy(Strategy):
             if _is_key(x):
                 data = put(jax.random.key_data(x), sharding)
                 return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-            if isinstance(x, jax.Array):
+            # A local array (e.g. restored onto this process's first device) cannot be
+            # device_put onto a mesh spanning other hosts (CPU and GPU backends refuse
+            # cross-host transfers): it goes through the host copy below, as numpy does.
+            if isinstance(x, jax.Array) and (
+                sharding.is_fully_addressable or not x.is_fully_addressable
+            ):
                 # The step donates the placed state; device_put reuses the buffer of an array
                 # already on a target device (even with may_alias=False, jax 0.10), so copy it
                 # first or the first step would delete the caller's array.
@@ -507,9 +561,11 @@ class MeshStrategy(Strategy):
         return jax.tree.map(assemble, batch)
 
     def compile(self, step_fn: StepFn, *, donate: bool = True) -> StepFn:
+        traced = self._traced_for_platform(step_fn, mesh=self.mesh, batch_axes=(DATA, FSDP))
+
         def step(state, batch):
             batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
-            new_state, metrics = step_fn(state, batch)
+            new_state, metrics = traced(state, batch)
             # The rules are functions of path and shape, so the new state is pinned to the input
             # state's layout: donated buffers are reused and the next call needs no resharding.
             new_state = jax.lax.with_sharding_constraint(new_state, self.shardings(new_state))
@@ -517,6 +573,18 @@ class MeshStrategy(Strategy):
             return new_state, metrics
 
         return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+    def abstract_inputs(self, abstract_state: Any, abstract_batch: Any) -> tuple[Any, Any]:
+        def laid_out(x, sharding):
+            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+        def global_batch(x):
+            shape = np.shape(x)
+            rows = shape[0] // self.local_device_count * self.num_devices
+            return laid_out(jax.ShapeDtypeStruct((rows, *shape[1:]), x.dtype), self.batch_sharding)
+
+        state = jax.tree.map(laid_out, abstract_state, self.shardings(abstract_state))
+        return state, jax.tree.map(global_batch, abstract_batch)
 
     def mean(self, tree: Any) -> Any:
         # Under jit the step computes on global arrays: its mean over the batch is the mean over
@@ -535,32 +603,33 @@ class MeshStrategy(Strategy):
         return f"MeshStrategy({axes}, {self.process_count} process(es))"
 
 
-def _pmap_from_config(cfg: TrainConfig) -> Strategy:
+def _pmap_from_config(cfg: TrainConfig, devices: Sequence[jax.Device] | None) -> Strategy:
     if cfg.flax.fsdp_size != 1:
         raise ConfigError(
             f"--fsdp_size={cfg.flax.fsdp_size} shards parameters, which --parallelism pmap "
             "cannot do; add --parallelism mesh (or drop --fsdp_size)"
         )
-    return PmapStrategy(per_device_batch_size=cfg.training.train_batch_size)
+    return PmapStrategy(per_device_batch_size=cfg.training.train_batch_size, devices=devices)
 
 
-def _mesh_from_config(cfg: TrainConfig) -> Strategy:
-    mesh = make_mesh(data=-1, fsdp=cfg.flax.fsdp_size)
+def _mesh_from_config(cfg: TrainConfig, devices: Sequence[jax.Device] | None) -> Strategy:
+    mesh = make_mesh(data=-1, fsdp=cfg.flax.fsdp_size, devices=devices)
     return MeshStrategy(mesh, per_device_batch_size=cfg.training.train_batch_size)
 
 
-STRATEGIES: dict[str, Callable[[TrainConfig], Strategy]] = {
+STRATEGIES: dict[str, Callable[[TrainConfig, Sequence[jax.Device] | None], Strategy]] = {
     "pmap": _pmap_from_config,
     "mesh": _mesh_from_config,
 }
 
 
-def strategy_from_config(cfg: TrainConfig) -> Strategy:
-    """The strategy `--parallelism` names, over all devices of all processes.
+def strategy_from_config(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None) -> Strategy:
+    """The strategy `--parallelism` names, over all devices of all processes (or `devices`: a
+    TPU topology's, to compile for ahead of time).
 
     Raises:
       ConfigError: `--fsdp_size` does not divide the device count, or is set with pmap.
     """
-    strategy = STRATEGIES[cfg.flax.parallelism](cfg)
+    strategy = STRATEGIES[cfg.flax.parallelism](cfg, devices)
     log.info("parallelism: %r", strategy)
     return strategy

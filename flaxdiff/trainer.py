@@ -8,13 +8,20 @@ jit over a data x fsdp mesh, state donated), and `train` is the loop that handle
 policy, the LR and EMA values and the summary are `shared.run`'s, so a flax run and a torch run
 of one config fire the same events at the same steps and write the same folder layout.
 
-State: ``{"step", "params", "opt_state", "ema", "ema_step", "rng"}``: `step` counts every update
-(it picks the LR and the noise key: ``fold_in(rng, step)``), `ema_step` counts the applied ones.
+State: ``{"step", "params", "opt_state", "ema", "ema_step", "rng", "frozen"}``: `step` counts
+every update (it picks the LR and the noise key: ``fold_in(rng, step)``), `ema_step` counts the
+applied ones. ``params`` holds the trained models by name (the UNet; the text encoder too with
+``--train_text_encoder``), ``ema`` the UNet's average, ``frozen`` the weights the step reads but
+never changes (the VAE, a frozen text encoder): placed with the rest, never checkpointed.
 
 All three tasks run here: the unconditional `UNet2DModel` on pixels, and Stable Diffusion's
 `UNet2DConditionModel` on VAE latents conditioned on CLIP text (text2image, DreamBooth with prior
-preservation and generated class images). The VAE and the text encoder are frozen; training the
-text encoder (`--train_text_encoder`) is torch-only for now and refused with that message.
+preservation, generated class images, the text encoder trained or its prompts pre-computed).
+
+Before step 1 the step is compiled ahead of time for the run's shapes: the compile time is
+reported once and the step's memory is checked against the devices' (`flaxdiff.memory`), so a
+run that cannot fit stops with the flags that would make it fit instead of failing at step 1.
+`build_step` and `batch_shapes` are what `flaxdiff.plan` compiles for a TPU it does not have.
 """
 
 from __future__ import annotations
@@ -33,17 +40,18 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flaxdiff import checkpoint, distributed, optim, parallel, sampling
+from flaxdiff import checkpoint, distributed, memory, optim, parallel, sampling
 from flaxdiff.components import (
     CLASS_IMAGE_STEPS,
     Components,
     Prompts,
+    TextSampler,
     export,
     load_components,
-    make_text_sampler,
 )
 from flaxdiff.diffusion import Objective
 from flaxdiff.models.layers import ModelOptions
+from flaxdiff.trackers import Trackers
 from shared import cli, hub
 from shared.config import ConfigError, TrainConfig
 from shared.data import build_loader, build_source
@@ -63,10 +71,8 @@ logger = logging.getLogger(__name__)
 
 # Flags whose torch feature has no JAX counterpart, with what to use instead.
 _REFUSED = {
-    "use_8bit_adam": "flax keeps AdamW moments in fp32 (a bf16 first moment is planned); remove it",
-    "train_text_encoder": "the flax trainer keeps the text encoder frozen so far; use --backend "
-    "torch to train it",
-    "class_labels_conditioning": "DeepFloyd IF's class labels are torch-only; use --backend torch",
+    "use_8bit_adam": "bitsandbytes is torch-only; --adam_moments_dtype bfloat16 is the flax way "
+    "to halve the optimizer's memory",
 }
 
 
@@ -75,6 +81,28 @@ class Task:
     """What a task module adds: its name (the loop is the same for all)."""
 
     name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """One model as the step sees it: its graph and the templates its weights are poured into.
+
+    The weights are not here: they ride in the state (trained ones in ``state["params"][name]``,
+    frozen ones and every model's non-parameter variables in ``state["frozen"][name]``), so the
+    compiled step takes them as arguments instead of baking them in as constants.
+    """
+
+    graphdef: Any
+    params: Any  # nnx.State of the nnx.Param variables
+    rest: Any  # nnx.State of the other variables
+
+    @classmethod
+    def of(cls, model: nnx.Module) -> tuple[Graph, dict, dict]:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return cls(graphdef, params, rest), _pure(params), _pure(rest)
+
+    def merge(self, params: dict, rest: dict) -> nnx.Module:
+        return nnx.merge(self.graphdef, _poured(self.params, params), _poured(self.rest, rest))
 
 
 @dataclasses.dataclass
@@ -87,16 +115,17 @@ class Run:
     strategy: parallel.Strategy
     plan: RunPlan
     components: Components
-    graphdef: Any
-    params_template: Any  # the nnx.State the pure params dict is poured into
-    rest: Any  # non-trainable variables (buffers), replicated constants of the step
+    graphs: dict[str, Graph]
     state: dict[str, Any]
     step_fn: Callable
     loader: Any
     prompts: Prompts | None
+    embeddings: dict[str, np.ndarray] | None  # --pre_compute_text_embeddings: prompt -> (L, D)
     guard: NonFiniteGuard
+    trackers: Trackers
     step: int = 0
     step_times: list[float] = dataclasses.field(default_factory=list)
+    compile_seconds: float | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -119,16 +148,6 @@ def _poured(template: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
-@dataclasses.dataclass(frozen=True)
-class Frozen:
-    """The frozen models' graph definitions; their weights ride in `state["frozen"]`."""
-
-    vae_def: Any = None
-    vae_template: Any = None
-    text_def: Any = None
-    text_template: Any = None
-
-
 def _pixels(x: jax.Array) -> jax.Array:
     """uint8 (or float in [0, 1]) NHWC -> float32 in [-1, 1], on the device."""
     if x.dtype == jnp.uint8:
@@ -136,40 +155,55 @@ def _pixels(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32) * 2.0 - 1.0
 
 
+def _model(graphs: dict[str, Graph], name: str, params: dict, frozen: dict) -> nnx.Module:
+    """Model `name` with its weights from the state: trained (`params`) or frozen."""
+    weights = params[name] if name in params else frozen[name]["params"]
+    return graphs[name].merge(weights, frozen[name]["rest"])
+
+
 def make_train_step(
-    *, graphdef, params_template, rest, frozen: Frozen, objective: Objective, optimizer,
-    strategy, cfg, spec: TaskSpec,
+    *, graphs: dict[str, Graph], objective: Objective, optimizer, strategy, cfg, spec: TaskSpec,
 ) -> Callable:  # fmt: skip
     """The pure `train_step(state, batch) -> (state, metrics)` of one optimizer update."""
     accumulation = cfg.training.gradient_accumulation_steps
     use_ema = cfg.ema.use_ema
     use_mask = cfg.prompts.text_encoder_use_attention_mask
 
-    def micro_loss(params, frozen_weights, micro, micro_step, key):
-        unet = nnx.merge(graphdef, _poured(params_template, params), rest)
+    def conditioning(params, frozen, micro):
+        """The UNet's encoder_hidden_states for the micro-batch (instance then class rows)."""
+        if "encoder_hidden_states" in micro:  # --pre_compute_text_embeddings
+            states = micro["encoder_hidden_states"]
+            if spec.prior_preservation:
+                states = jnp.concatenate([states, micro["class_encoder_hidden_states"]])
+            return states
+        ids, mask = micro["input_ids"], micro["attention_mask"]
+        if spec.prior_preservation:
+            ids = jnp.concatenate([ids, micro["class_input_ids"]])
+            mask = jnp.concatenate([mask, micro["class_attention_mask"]])
+        text = _model(graphs, "text_encoder", params, frozen)
+        states = text(ids, mask if use_mask else None).last_hidden_state  # (B, L, D)
+        return states if spec.train_text_encoder else jax.lax.stop_gradient(states)
+
+    def micro_loss(params, frozen, micro, micro_step, key):
+        unet = _model(graphs, "unet", params, frozen)
         noise_key, vae_key = jax.random.split(jax.random.fold_in(key, micro_step))
         pixels = _pixels(micro["pixel_values"])  # (B, H, W, 3)
         if spec.prior_preservation:  # instance then class examples, each device its own halves
             pixels = jnp.concatenate([pixels, _pixels(micro["class_pixel_values"])])
         if spec.latent:
-            vae = nnx.merge(frozen.vae_def, _poured(frozen.vae_template, frozen_weights["vae"]))
+            vae = _model(graphs, "vae", params, frozen)
             clean = jax.lax.stop_gradient(vae.latents_from_images(pixels, vae_key))
         else:
             clean = pixels
-        context = None
-        if spec.text_conditioned:
-            text = nnx.merge(
-                frozen.text_def, _poured(frozen.text_template, frozen_weights["text_encoder"])
-            )
-            ids, mask = micro["input_ids"], micro["attention_mask"]
-            if spec.prior_preservation:
-                ids = jnp.concatenate([ids, micro["class_input_ids"]])
-                mask = jnp.concatenate([mask, micro["class_attention_mask"]])
-            states = text(ids, mask if use_mask else None).last_hidden_state  # (B, L, D)
-            context = jax.lax.stop_gradient(states)
+        context = conditioning(params, frozen, micro) if spec.text_conditioned else None
 
         def predict(noisy, timesteps):
-            out = unet(noisy, timesteps) if context is None else unet(noisy, timesteps, context)
+            if context is None:
+                out = unet(noisy, timesteps)
+            elif spec.class_labels == "timesteps":  # DeepFloyd IF's upscaler, as torchdiff
+                out = unet(noisy, timesteps, context, class_labels=timesteps)
+            else:
+                out = unet(noisy, timesteps, context)
             # Learned-variance UNets predict (mean, variance): train the mean half.
             return out[..., : clean.shape[-1]] if out.shape[-1] == 2 * clean.shape[-1] else out
 
@@ -183,11 +217,11 @@ def make_train_step(
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         key = strategy.fold_in_device(key)
-        frozen_weights = state.get("frozen", {})
+        frozen = state["frozen"]
 
         def value_and_grad(params, micro, micro_step):
             return jax.value_and_grad(micro_loss, has_aux=True)(
-                params, frozen_weights, micro, micro_step, key
+                params, frozen, micro, micro_step, key
             )
 
         (loss, parts), grads = optim.accumulate_gradients(
@@ -203,9 +237,11 @@ def make_train_step(
             "params": update.params,
             "opt_state": update.opt_state,
         }
-        if use_ema:
+        if use_ema:  # of the UNet, as diffusers' EMAModel
             ema_step = state["ema_step"] + update.finite.astype(jnp.int32)
-            moved = optim.ema_update(state["ema"], update.params, step=ema_step, cfg_ema=cfg.ema)
+            moved = optim.ema_update(
+                state["ema"], update.params["unet"], step=ema_step, cfg_ema=cfg.ema
+            )
             new["ema"] = optim.select_tree(update.finite, moved, state["ema"])
             new["ema_step"] = ema_step
         metrics = {
@@ -221,7 +257,160 @@ def make_train_step(
     return train_step
 
 
+# --- the parts of a step, for a run or for planning ---------------------------------------------
+
+
+@dataclasses.dataclass
+class StepParts:
+    """What `build_step` returns: the uncompiled step and the state it starts from.
+
+    Attributes:
+      graphs: the models' graphs (`Graph`), by name ("unet", "vae", "text_encoder").
+      state: the initial host state without ``"frozen"`` (numpy, or `jax.ShapeDtypeStruct`s for
+        abstract components): what a checkpoint holds.
+      frozen: ``{name: {"params": ..., "rest": ...}}``: weights the step reads but never
+        changes (the VAE, a frozen text encoder, every model's non-parameter variables).
+      train_step: the pure step (`make_train_step`).
+      optimizer: the optax transformation.
+    """
+
+    graphs: dict[str, Graph]
+    state: dict[str, Any]
+    frozen: dict[str, Any]
+    train_step: Callable
+    optimizer: Any
+
+
+def build_step(
+    cfg: TrainConfig, spec: TaskSpec, components: Components, strategy: parallel.Strategy, *,
+    learning_rate: float, total_steps: int, text_encoder: bool = True,
+) -> StepParts:  # fmt: skip
+    """The step and initial state of `cfg` for `components` (real or abstract).
+
+    Args:
+      text_encoder: False when the prompts are encoded before training
+        (``--pre_compute_text_embeddings``): the step then holds no text encoder.
+    """
+    graphs, params, frozen = {}, {}, {}
+    models = {"unet": components.unet, "vae": components.vae}
+    if spec.text_conditioned and text_encoder:
+        models["text_encoder"] = components.text_encoder
+    for name, model in models.items():
+        if model is None:
+            continue
+        graphs[name], weights, rest = Graph.of(model)
+        trained = name == "unet" or (name == "text_encoder" and spec.train_text_encoder)
+        if trained:
+            params[name] = weights
+            frozen[name] = {"rest": rest}
+        else:
+            frozen[name] = {"params": weights, "rest": rest}
+    optimizer = optim.build_optimizer(cfg, learning_rate=learning_rate, total_steps=total_steps)
+
+    rng = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
+    leaves = jax.tree.leaves(params)
+    abstract = bool(leaves) and isinstance(leaves[0], jax.ShapeDtypeStruct)
+
+    def initial(params):
+        state = {
+            "step": np.int32(0),
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "rng": rng,
+        }
+        if cfg.ema.use_ema:  # a copy of the UNet's weights (traced: shapes only)
+            state["ema"] = params["unet"] if abstract else jax.tree.map(np.array, params["unet"])
+            state["ema_step"] = np.int32(0)
+        return state
+
+    state = jax.eval_shape(initial, params) if abstract else initial(params)
+    train_step = make_train_step(
+        graphs=graphs,
+        objective=Objective.from_config(cfg, components.scheduler_config),
+        optimizer=optimizer,
+        strategy=strategy,
+        cfg=cfg,
+        spec=spec,
+    )
+    return StepParts(graphs, state, frozen, train_step, optimizer)
+
+
+def batch_shapes(
+    cfg: TrainConfig, spec: TaskSpec, components: Components, *, rows: int, text_length: int,
+    embeddings: bool,
+) -> dict[str, jax.ShapeDtypeStruct]:  # fmt: skip
+    """The shapes of one device batch as `_shard` builds it (`rows` = accumulation x examples)."""
+    size = cfg.data.resolution
+    pixels = jax.ShapeDtypeStruct((rows, size, size, 3), np.uint8)
+    shapes = {"pixel_values": pixels}
+    if spec.prior_preservation:
+        shapes["class_pixel_values"] = pixels
+    if spec.text_conditioned:
+        prefixes = ("", "class_") if spec.prior_preservation else ("",)
+        for prefix in prefixes:
+            if embeddings:
+                width = components.text_encoder.config.hidden_size
+                shapes[f"{prefix}encoder_hidden_states"] = jax.ShapeDtypeStruct(
+                    (rows, text_length, width), np.float32
+                )
+            else:
+                for name in ("input_ids", "attention_mask"):
+                    shapes[f"{prefix}{name}"] = jax.ShapeDtypeStruct((rows, text_length), np.int32)
+    return shapes
+
+
 # --- setup ------------------------------------------------------------------------------------
+
+
+def _compile(run_strategy: parallel.Strategy, step_fn: Callable, state, batch) -> tuple[Any, float]:
+    """The step compiled ahead of time for `state` and `batch`'s shapes, and the seconds taken."""
+    started = time.perf_counter()
+    compiled = step_fn.lower(*run_strategy.abstract_inputs(state, batch)).compile()
+    return compiled, time.perf_counter() - started
+
+
+def check_fits(cfg: TrainConfig, compiled: Any, strategy: parallel.Strategy) -> None:
+    """Stops before step 1 when the compiled step needs more memory than a device has."""
+    need = memory.step_memory(compiled)
+    limit = memory.device_memory_bytes(jax.local_devices()[0])
+    logger.info(
+        "per device: %s (arguments %s, temporaries %s)%s",
+        memory.gib(need.total),
+        memory.gib(need.arguments),
+        memory.gib(need.temporaries),
+        f" of {memory.gib(limit)}" if limit else "",
+    )
+    if limit and need.total > limit:
+        raise ConfigError(
+            f"the train step needs {memory.gib(need.total)} per device, more than the "
+            f"{memory.gib(limit)} of this {strategy.platform}: try "
+            f"{memory.fit_advice(cfg, strategy.num_devices)}"
+        )
+
+
+def encode_prompts(
+    cfg: TrainConfig, components: Components, prompts: Prompts, texts: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """``--pre_compute_text_embeddings``: each distinct prompt's encoder states (L, D), once."""
+    use_mask = cfg.prompts.text_encoder_use_attention_mask
+    graph, weights, rest = Graph.of(components.text_encoder)
+
+    @jax.jit
+    def encode(weights, ids, mask):
+        return graph.merge(weights, rest)(ids, mask if use_mask else None).last_hidden_state
+
+    distinct = list(dict.fromkeys(texts))
+    tokens = prompts(distinct)
+    states = np.asarray(encode(weights, tokens["input_ids"], tokens["attention_mask"]))
+    return dict(zip(distinct, states, strict=True))
+
+
+def _precomputed_prompts(cfg: TrainConfig, spec: TaskSpec) -> list[str]:
+    """The prompts a DreamBooth run encodes: instance, class, validation, and "" (guidance)."""
+    texts = ["", cfg.prompts.instance_prompt, *cfg.validation_prompt_list]
+    if spec.prior_preservation:
+        texts.append(cfg.prompts.class_prompt)
+    return [t for t in texts if t is not None]
 
 
 def setup(cfg: TrainConfig, task: Task) -> Run:
@@ -239,25 +428,22 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
         resume.check_resume_config(resume_from, cfg, step=start)
     if cfg.hub.push_to_hub and group.is_main:
         hub.check_access(cfg)
-    if cfg.logging.report_to != "none" and group.is_main:
-        logger.warning(
-            "--report_to %s: the flax trainer writes no tracker events yet (the progress bar and "
-            "train_summary.json report the run)",
-            cfg.logging.report_to,
-        )
+    trackers = Trackers.from_config(cfg, is_main=group.is_main)
 
     strategy = parallel.strategy_from_config(cfg)
+    if cfg.flax.attention == "flash" and strategy.platform != "tpu":
+        raise ConfigError(
+            f"--attention flash is the Pallas TPU kernel; these devices are {strategy.platform}: "
+            "use --attention dot_product (cuDNN flash attention on GPU) or einsum"
+        )
     spec = task_spec(cfg)
     components = load_components(cfg, ModelOptions.from_config(cfg))
     if spec.makes_class_images:
         make_class_images(cfg, components, group)
-    graphdef, params_state, rest = nnx.split(components.unet, nnx.Param, ...)
-    frozen, frozen_weights = Frozen(), {}
-    if spec.latent:
-        vae_def, vae_state = nnx.split(components.vae)
-        text_def, text_state = nnx.split(components.text_encoder)
-        frozen = Frozen(vae_def, vae_state, text_def, text_state)
-        frozen_weights = {"vae": _pure(vae_state), "text_encoder": _pure(text_state)}
+    prompts = Prompts(cfg, components.tokenizer_dir) if spec.text_conditioned else None
+    embeddings = None
+    if spec.text_conditioned and cfg.prompts.pre_compute_text_embeddings:
+        embeddings = encode_prompts(cfg, components, prompts, _precomputed_prompts(cfg, spec))
     if group.is_main:
         source = build_source(cfg)  # the main process verifies the images; the others reuse it
     group.barrier()
@@ -269,45 +455,37 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
         num_devices=strategy.num_devices,
         num_processes=strategy.process_count,
     )
-    optimizer = optim.build_optimizer(
-        cfg, learning_rate=plan.learning_rate, total_steps=plan.max_train_steps
-    )
-    params = _pure(params_state)
-    host_state = {
-        "step": np.int32(0),
-        "params": params,
-        "opt_state": optimizer.init(params),
-        "rng": np.asarray(jax.random.key_data(jax.random.key(cfg.seed))),
-    }
-    if cfg.ema.use_ema:
-        host_state["ema"] = jax.tree.map(np.array, params)
-        host_state["ema_step"] = np.int32(0)
+    parts = build_step(
+        cfg, spec, components, strategy,
+        learning_rate=plan.learning_rate, total_steps=plan.max_train_steps,
+        text_encoder=embeddings is None,
+    )  # fmt: skip
+    host_state = parts.state
     guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, str(output_dir))
     loader_state = None
     if resume_from is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), host_state)
-        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # This process's own first device: jax.devices()[0] is process 0's on the other hosts.
+        one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         host_state = checkpoint.restore(resume_from, abstract, one_device, layout="mesh")
         guard.restore(checkpoints.read_trainer_state(resume_from))
         loader_state = checkpoints.read_loader_state(resume_from, group.index)
         logger.info("resumed from %s at step %d", resume_from, start)
-    if frozen_weights:
-        host_state["frozen"] = frozen_weights  # never checkpointed: it is the base model's
-    state = strategy.place(host_state)
-    step_fn = strategy.compile(
-        make_train_step(
-            graphdef=graphdef,
-            params_template=params_state,
-            rest=rest,
-            frozen=frozen,
-            objective=Objective.from_config(cfg, components.scheduler_config),
-            optimizer=optimizer,
-            strategy=strategy,
-            cfg=cfg,
-            spec=spec,
-        )
+    # The frozen weights are the base model's: never checkpointed, placed with the rest.
+    state = strategy.place({**host_state, "frozen": parts.frozen})
+    shapes = batch_shapes(
+        cfg, spec, components,
+        rows=plan.per_process_batch_size * cfg.training.gradient_accumulation_steps,
+        text_length=prompts.max_length if prompts else 0, embeddings=embeddings is not None,
+    )  # fmt: skip
+    host_shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), {**host_state, "frozen": parts.frozen}
     )
-    prompts = Prompts(cfg, components.tokenizer_dir) if spec.text_conditioned else None
+    step_fn, compile_seconds = _compile(
+        strategy, strategy.compile(parts.train_step), host_shapes, shapes
+    )
+    logger.info("compiled the train step in %.1f s", compile_seconds)
+    check_fits(cfg, step_fn, strategy)
     loader = build_loader(
         cfg,
         source,
@@ -333,38 +511,35 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
         strategy=strategy,
         plan=plan,
         components=components,
-        graphdef=graphdef,
-        params_template=params_state,
-        rest=rest,
+        graphs=parts.graphs,
         state=state,
         step_fn=step_fn,
         loader=loader,
         prompts=prompts,
+        embeddings=embeddings,
         guard=guard,
+        trackers=trackers,
         step=start,
+        compile_seconds=compile_seconds,
     )
 
 
 def make_class_images(cfg: TrainConfig, components: Components, group: ProcessGroup) -> int:
     """DreamBooth's missing class images, sampled with the base model (shared planning)."""
-    draw = make_text_sampler(
-        components,
-        cfg,
-        unet_def=nnx.graphdef(components.unet),
-        scheduler_name="DPMSolverMultistepScheduler",
-        steps=CLASS_IMAGE_STEPS,
+    sampler = TextSampler(
+        components, cfg, scheduler_name="DPMSolverMultistepScheduler", steps=CLASS_IMAGE_STEPS
     )
     prompts = Prompts(cfg, components.tokenizer_dir)
-    unet_state = nnx.state(components.unet)
+    unet_state, text_state = nnx.state(components.unet), nnx.state(components.text_encoder)
     base = jax.random.fold_in(jax.random.key(cfg.seed), group.index)
     counter = iter(range(1 << 30))
 
     def sample(batch_prompts: list[str]) -> list[np.ndarray]:
         images = []
         for prompt in batch_prompts:
-            tokens = prompts(["", prompt])
+            states = sampler.encode(text_state, prompts(["", prompt]))
             keys = jax.random.split(jax.random.fold_in(base, next(counter)), 1)
-            out = draw(unet_state, tokens["input_ids"], tokens["attention_mask"], keys)
+            out = sampler.draw(unet_state, states, keys)
             images.append((np.asarray(out[0]) * 255 + 0.5).astype(np.uint8))
         return images
 
@@ -394,10 +569,18 @@ def save_checkpoint(run: Run) -> Path:
     )
 
 
-def _host_model(run: Run) -> nnx.Module:
-    """The trained UNet on the host, EMA weights when kept (for sampling and export)."""
-    params = run.strategy.unreplicate(run.state["ema" if run.cfg.ema.use_ema else "params"])
-    return nnx.merge(run.graphdef, _poured(run.params_template, params), run.rest)
+def _host_params(run: Run, name: str) -> dict:
+    if name == "unet" and run.cfg.ema.use_ema:
+        return run.strategy.unreplicate(run.state["ema"])
+    if name in run.state["params"]:
+        return run.strategy.unreplicate(run.state["params"][name])
+    return run.strategy.unreplicate(run.state["frozen"][name]["params"])
+
+
+def _host_model(run: Run, name: str = "unet") -> nnx.Module:
+    """A model on the host with the run's weights (the UNet's EMA weights when kept)."""
+    rest = run.strategy.unreplicate(run.state["frozen"][name]["rest"])
+    return run.graphs[name].merge(_host_params(run, name), rest)
 
 
 def _sample_ddpm(run: Run, model: nnx.Module, plan) -> np.ndarray:
@@ -422,26 +605,34 @@ def _sample_ddpm(run: Run, model: nnx.Module, plan) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
+def _prompt_states(run: Run, sampler: TextSampler, prompt: str) -> np.ndarray:
+    """(2, L, D): the empty prompt's and `prompt`'s encoder states (guidance pairs them)."""
+    if run.embeddings is not None:
+        return np.stack([run.embeddings[""], run.embeddings[prompt]])
+    text_state = nnx.state(_host_model(run, "text_encoder"))
+    return sampler.encode(text_state, run.prompts(["", prompt]))
+
+
 def _sample_text(run: Run, model: nnx.Module, plan) -> np.ndarray:
-    graphdef, state = nnx.split(model)
-    draw = make_text_sampler(
+    sampler = TextSampler(
         run.components,
         run.cfg,
-        unet_def=graphdef,
         scheduler_name=run.cfg.validation.validation_scheduler,
         steps=plan.num_inference_steps,
     )
+    unet_state = nnx.state(model)
     key = jax.random.key(plan.seed)
     images = []
     for i, prompt in enumerate(plan.prompts):
-        tokens = run.prompts(["", prompt])
         keys = jax.random.split(jax.random.fold_in(key, i), plan.images_per_prompt)
-        images.append(np.asarray(draw(state, tokens["input_ids"], tokens["attention_mask"], keys)))
+        states = _prompt_states(run, sampler, prompt)
+        images.append(np.asarray(sampler.draw(unet_state, states, keys)))
     return np.concatenate(images)
 
 
 def validate(run: Run, tag: str = "validation") -> Path | None:
-    """Samples the validation round of `shared.run.validation` and saves its grid (main process)."""
+    """Samples the validation round of `shared.run.validation`, saves its grid and sends the
+    images to the trackers (main process)."""
     cfg = run.cfg
     if not run.group.is_main or not validation_plan.wants_validation(cfg):
         return None
@@ -449,6 +640,7 @@ def validate(run: Run, tag: str = "validation") -> Path | None:
     model = _host_model(run)
     images = _sample_text(run, model, plan) if run.spec.latent else _sample_ddpm(run, model, plan)
     path = save_grid(images, validation_plan.grid_path(cfg, tag=tag, step=run.step), rows=plan.rows)
+    run.trackers.log_images(tag, images, run.step)
     logger.info("validation images of step %d: %s", run.step, path)
     return path
 
@@ -462,31 +654,38 @@ def export_pipeline(run: Run, *, commit: str | None = None) -> None:
         )
     if not run.group.is_main:
         return
+    text_encoder = _host_model(run, "text_encoder") if run.spec.train_text_encoder else None
     export(
         run.components,
         _host_model(run),
         run.output_dir,
         save_text_encoder=run.spec.save_text_encoder,
+        text_encoder=text_encoder,
     )
     if commit is not None and run.cfg.hub.push_to_hub:
         hub.push(run.cfg, commit_message=commit)
 
 
+def _text_inputs(run: Run, texts: list[str], prefix: str = "") -> dict[str, np.ndarray]:
+    if run.embeddings is not None:
+        return {f"{prefix}encoder_hidden_states": np.stack([run.embeddings[t] for t in texts])}
+    tokens = run.prompts(texts)
+    return {f"{prefix}{name}": value for name, value in tokens.items()}
+
+
 def _shard(run: Run, batches: list[dict[str, Any]]) -> Any:
-    """The micro-batches of one update as one device batch (accumulation x B rows per key)."""
+    """The micro-batches of one update as one device batch (accumulation x B rows per key);
+    `batch_shapes` gives its shapes."""
     device_batch = {"pixel_values": np.concatenate([b["pixel_values"] for b in batches])}
     if run.spec.prior_preservation:
         device_batch["class_pixel_values"] = np.concatenate(
             [b["class_pixel_values"] for b in batches]
         )
     if run.prompts is not None:
-        captions = [c for b in batches for c in b["captions"]]
-        device_batch.update(run.prompts(captions))
+        device_batch.update(_text_inputs(run, [c for b in batches for c in b["captions"]]))
         if run.spec.prior_preservation:
             class_prompts = [c for b in batches for c in b["class_prompt"]]
-            tokens = run.prompts(class_prompts)
-            device_batch["class_input_ids"] = tokens["input_ids"]
-            device_batch["class_attention_mask"] = tokens["attention_mask"]
+            device_batch.update(_text_inputs(run, class_prompts, prefix="class_"))
     return run.strategy.shard_batch(device_batch)
 
 
@@ -510,37 +709,40 @@ def train(cfg: TrainConfig, task: Task) -> Path:
             export=lambda commit: export_pipeline(run, commit=commit),
             stop_requested=lambda: stop.requested_anywhere(run.group),
         )
-        with run.loader, bar:
-            stop.start_training()
-            while run.step < run.plan.max_train_steps:
-                started = time.perf_counter()
-                epoch_before = run.loader.state()["epoch"]
-                batch = _shard(run, [next(run.loader) for _ in range(accumulation)])
-                run.state, metrics = run.step_fn(run.state, batch)
-                metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
-                run.step_times.append(time.perf_counter() - started)  # includes the compile once
-                lr = float(lrs(run.step))
-                run.step += 1
-                finite = bool(metrics.pop("train/finite"))
-                run.guard.record(
-                    step=run.step,
-                    finite=finite,
-                    loss=metrics["train/loss"],
-                    grad_norm=metrics["train/grad_norm"],
-                    lr=lr,
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.3g}")
-                due = events.after_update(
-                    cfg,
-                    step=run.step,
-                    epoch_before=epoch_before,
-                    epoch_after=run.loader.state()["epoch"],
-                )
-                if events.handle(due, handlers, step=run.step):
-                    return run.output_dir
-        export_pipeline(run)
-        image = validate(run, tag="final")
+        with run.trackers:  # closed (flushed) however the run ends
+            with run.loader, bar:
+                stop.start_training()
+                while run.step < run.plan.max_train_steps:
+                    started = time.perf_counter()
+                    epoch_before = run.loader.state()["epoch"]
+                    batch = _shard(run, [next(run.loader) for _ in range(accumulation)])
+                    run.state, metrics = run.step_fn(run.state, batch)
+                    metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
+                    run.step_times.append(time.perf_counter() - started)  # compiled in setup
+                    lr = float(lrs(run.step))
+                    run.step += 1
+                    finite = bool(metrics.pop("train/finite"))
+                    run.guard.record(
+                        step=run.step,
+                        finite=finite,
+                        loss=metrics["train/loss"],
+                        grad_norm=metrics["train/grad_norm"],
+                        lr=lr,
+                    )
+                    metrics |= {"train/lr": lr, "train/skipped_steps": run.guard.skipped}
+                    run.trackers.log(metrics, run.step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.3g}")
+                    due = events.after_update(
+                        cfg,
+                        step=run.step,
+                        epoch_before=epoch_before,
+                        epoch_after=run.loader.state()["epoch"],
+                    )
+                    if events.handle(due, handlers, step=run.step):
+                        return run.output_dir
+            export_pipeline(run)
+            image = validate(run, tag="final")
         if run.group.is_main:
             report.write_summary(
                 run.output_dir,
@@ -549,7 +751,10 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                 peak_memory_bytes=report.peak_rss_bytes(),
                 device=f"{jax.devices()[0].platform} x{run.strategy.num_devices}",
                 skipped_steps=run.guard.skipped,
-                extra={"parallelism": run.strategy.name},
+                extra={
+                    "parallelism": run.strategy.name,
+                    "compile_seconds": run.compile_seconds,
+                },
             )
             if cfg.hub.push_to_hub:
                 images = [str(image.relative_to(run.output_dir))] if image else []

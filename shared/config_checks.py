@@ -62,6 +62,7 @@ _BACKEND_HINTS = {
     "parallelism": "torch parallelism is configured by `accelerate config`",
     "fsdp_size": "torch parallelism is configured by `accelerate config`",
     "attention": "use --enable_xformers_memory_efficient_attention on torch",
+    "adam_moments_dtype": "use --use_8bit_adam on torch",
 }
 
 

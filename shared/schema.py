@@ -44,6 +44,7 @@ VALIDATION_SCHEDULERS = ("DPMSolverMultistepScheduler", "DDPMScheduler")
 PRIOR_PRECISIONS = ("no", "fp32", "fp16", "bf16")
 PARALLELISM = ("pmap", "mesh")
 FLAX_ATTENTION = ("dot_product", "einsum", "flash")
+ADAM_MOMENTS_DTYPES = ("float32", "bfloat16")
 
 
 def flag(default: Any, help: str, *, choices=None, tasks=None, backend=None, secret=False):
@@ -326,6 +327,13 @@ class FlaxConfig:
         "attention kernel: dot_product (fused), einsum (reference), flash (TPU)",
         backend="flax",
         choices=FLAX_ATTENTION,
+    )
+    adam_moments_dtype: str = flag(
+        "float32",
+        "dtype of AdamW's two moment estimates: bfloat16 halves the optimizer's memory "
+        "(2 x 2 bytes per parameter instead of 2 x 4), the counterpart of --use_8bit_adam",
+        backend="flax",
+        choices=ADAM_MOMENTS_DTYPES,
     )
 
 

@@ -10,6 +10,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # threads of oversubscribed processes made the end-to-end tests 10x slower.
     os.environ["OMP_NUM_THREADS"] = "1"
 
+# The dev install has libtpu (flaxdiff.plan compiles for TPUs without one). JAX would try to open
+# a TPU at start and hold libtpu's lock file; the tests run on the CPU (subprocesses inherit it).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 
 @pytest.fixture
 def x64():

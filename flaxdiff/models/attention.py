@@ -7,11 +7,48 @@ flash-attention kernel. The tests check all three against each other and the def
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from flaxdiff.models.layers import ATTENTION_IMPLEMENTATIONS, GroupNorm, Linear, ModelOptions
+
+# The platform the program being traced is compiled for. A step compiled ahead of time for TPU
+# devices (`flaxdiff.plan`, on a CPU machine) must pick the TPU kernels although this process
+# runs on a CPU; the strategies set it while tracing (`target_platform`).
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "flaxdiff_target_platform", default=None
+)
+# A jit over a mesh: XLA cannot partition a Pallas (Mosaic) kernel, so the flash kernel runs
+# under `shard_map`, each device on its rows of the batch (mesh, batch axes).
+_BATCH_MESH: contextvars.ContextVar[tuple[Any, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "flaxdiff_batch_mesh", default=None
+)
+
+
+@contextlib.contextmanager
+def target_platform(
+    platform: str, *, mesh: Any = None, batch_axes: tuple[str, ...] = ()
+) -> Iterator[None]:
+    """Traces inside this block are for devices of `platform` ("tpu", "gpu", "cpu"); with
+    `mesh`, for a jit over it whose batch dimension is split over `batch_axes`."""
+    token = _TARGET_PLATFORM.set(platform)
+    mesh_token = _BATCH_MESH.set((mesh, batch_axes) if mesh is not None else None)
+    try:
+        yield
+    finally:
+        _BATCH_MESH.reset(mesh_token)
+        _TARGET_PLATFORM.reset(token)
+
+
+def compile_platform() -> str:
+    """The platform of the program being traced: `target_platform`'s, else this process's."""
+    return _TARGET_PLATFORM.get() or jax.devices()[0].platform
 
 
 def attention(
@@ -60,7 +97,19 @@ def attention(
     if implementation == "flash":
         if mask is not None:
             raise ValueError("attention=flash takes no mask; use dot_product for masked attention")
-        return _flash_attention(query, key, value, scale=scale)
+        batch_mesh = _BATCH_MESH.get()
+        if batch_mesh is None:
+            return _flash_attention(query, key, value, scale=scale)
+        mesh, axes = batch_mesh
+        rows = jax.sharding.PartitionSpec(axes)
+        per_device = jax.shard_map(
+            lambda q, k, v: _flash_attention(q, k, v, scale=scale),
+            mesh=mesh,
+            in_specs=(rows, rows, rows),
+            out_specs=rows,
+            check_vma=False,
+        )
+        return per_device(query, key, value)
     raise ValueError(
         f"attention={implementation!r}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
     )
@@ -74,7 +123,7 @@ def _cudnn_applies(query: jax.Array, mask: jax.Array | None) -> bool:
         and query.dtype in (jnp.bfloat16, jnp.float16)
         and head_dim % 8 == 0
         and head_dim <= 128
-        and jax.devices()[0].platform == "gpu"
+        and compile_platform() == "gpu"
     )
 
 
@@ -89,10 +138,10 @@ def _flash_attention(query, key, value, *, scale):
     """
     from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 
-    platform = jax.devices()[0].platform
+    platform = compile_platform()
     if platform != "tpu" and not _tpu_interpret_mode_active():
         raise ValueError(
-            f"attention=flash needs a TPU (this process runs on {platform}); "
+            f"attention=flash needs a TPU (this program is compiled for {platform}); "
             "use --attention dot_product (cuDNN flash attention on GPU) or einsum"
         )
     length_q, length_k = query.shape[1], key.shape[1]

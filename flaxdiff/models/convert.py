@@ -185,6 +185,7 @@ def from_diffusers(
     revision: str | None = None,
     variant: str | None = None,
     options: ModelOptions | None = None,
+    abstract: bool = False,
 ) -> nnx.Module | FlaxPipeline:
     """Reads diffusers/transformers weights into Flax models.
 
@@ -197,13 +198,17 @@ def from_diffusers(
       variant: weight-file variant, e.g. ``"fp16"`` (``*.fp16.safetensors``).
       options: compute options of the built models; their parameters keep
         ``options.param_dtype`` (fp32 by default) whatever the file's dtype.
+      abstract: read the configs only and build shapes (``nnx.eval_shape``), no weights (a hub
+        id downloads no weight file): what `flaxdiff.plan` compiles a step from.
 
     Returns:
       The model (one component) or a `FlaxPipeline` (whole folder).
     """
-    folder = _local_folder(str(path_or_repo), subfolder, revision=revision, variant=variant)
+    folder = _local_folder(
+        str(path_or_repo), subfolder, revision=revision, variant=variant, weights=not abstract
+    )
     if (folder / "config.json").is_file():
-        return load_model(folder, variant=variant, options=options)
+        return load_model(folder, variant=variant, options=options, abstract=abstract)
     if not (folder / diffusers_format.MODEL_INDEX).is_file():
         raise FileNotFoundError(
             f"{folder} has neither config.json (a model) nor {diffusers_format.MODEL_INDEX} "
@@ -214,17 +219,24 @@ def from_diffusers(
     for name, entry in diffusers_format.components_of(index).items():
         if entry is None or not is_model_class(entry[1]):
             continue  # tokenizer, scheduler, safety checker...: files, copied on export
-        models[name] = load_model(folder / name, variant=variant, options=options)
+        models[name] = load_model(
+            folder / name, variant=variant, options=options, abstract=abstract
+        )
     return FlaxPipeline(models=models, folder=folder, model_index=index)
 
 
 def load_model(
-    folder: str | os.PathLike, *, variant: str | None = None, options: ModelOptions | None = None
+    folder: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    options: ModelOptions | None = None,
+    abstract: bool = False,
 ) -> nnx.Module:
     """One model from a component folder (config.json + weights).
 
     The weights are PyTorch's (`weights_io.read_weights`), or, in a folder that has none, those
-    of the old Flax classes (`flax_msgpack`; they have no variants).
+    of the old Flax classes (`flax_msgpack`; they have no variants). `abstract`: the config's
+    shapes only, no weights read.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -233,6 +245,8 @@ def load_model(
     raw = json.loads(config_path.read_text(encoding="utf-8"))
     name = class_name_of(raw, source=str(config_path))
     model = init_model(build_config(raw, source=str(config_path)), options=options, abstract=True)
+    if abstract:
+        return model
     stem = MODEL_CLASSES[name].weight_stem
     msgpack = flax_msgpack.weights_file(folder, stem=stem)
     if msgpack is not None and variant:
@@ -247,14 +261,14 @@ def load_model(
 
 
 def _local_folder(path_or_repo: str, subfolder: str | None, *, revision: str | None,
-                  variant: str | None) -> Path:  # fmt: skip
+                  variant: str | None, weights: bool = True) -> Path:  # fmt: skip
     local = diffusers_format.resolve_component(
         path_or_repo, subfolder, flag="pretrained_model_name_or_path"
     )
     if local is not None:
         return Path(local)
     return hub_files.download(path_or_repo, subfolder, revision=revision, variant=variant,
-                              is_model=is_model_class)  # fmt: skip
+                              is_model=is_model_class, weights=weights)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

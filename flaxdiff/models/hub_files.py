@@ -62,7 +62,8 @@ def component_files(files: Sequence[str], folder: str | None, *, weights: bool,
 
 
 def files_to_fetch(files: Sequence[str], subfolder: str | None, *, variant: str | None,
-                   read_index: Callable[[], dict], is_model: Callable[[str], bool]) -> list[str]:  # fmt: skip
+                   read_index: Callable[[], dict], is_model: Callable[[str], bool],
+                   weights: bool = True) -> list[str]:  # fmt: skip
     """Repo paths a Flax load of `subfolder` (None: the whole repo) reads.
 
     Args:
@@ -71,16 +72,17 @@ def files_to_fetch(files: Sequence[str], subfolder: str | None, *, variant: str 
       variant: weight variant (``"fp16"``) or None.
       read_index: returns the repo's ``model_index.json`` (called only for a whole pipeline).
       is_model: whether a class name is one flaxdiff converts.
+      weights: False fetches the configs only (shapes to plan with, `flaxdiff.plan`).
     """
     if subfolder is not None or diffusers_format.MODEL_INDEX not in files:
-        return component_files(files, subfolder, weights=True, variant=variant)
+        return component_files(files, subfolder, weights=weights, variant=variant)
     wanted = [diffusers_format.MODEL_INDEX]
     for name, entry in diffusers_format.components_of(read_index()).items():
         if entry is None:
             continue
         class_name = entry[1]
         if is_model(class_name):
-            wanted += component_files(files, name, weights=True, variant=variant)
+            wanted += component_files(files, name, weights=weights, variant=variant)
         elif _WEIGHTLESS.search(class_name):  # small files, copied as they are on export
             wanted += component_files(files, name, weights=False)
         # Other models (a safety checker) are left out: the export writes them as null.
@@ -88,7 +90,8 @@ def files_to_fetch(files: Sequence[str], subfolder: str | None, *, variant: str 
 
 
 def download(repo_id: str, subfolder: str | None, *, revision: str | None,
-             variant: str | None, is_model: Callable[[str], bool]) -> Path:  # fmt: skip
+             variant: str | None, is_model: Callable[[str], bool],
+             weights: bool = True) -> Path:  # fmt: skip
     """Fetches what `files_to_fetch` names; returns the local folder of `subfolder`."""
     from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
 
@@ -99,6 +102,6 @@ def download(repo_id: str, subfolder: str | None, *, revision: str | None,
         return json.loads(Path(path).read_text(encoding="utf-8"))
 
     wanted = files_to_fetch(files, subfolder, variant=variant, read_index=read_index,
-                            is_model=is_model)  # fmt: skip
+                            is_model=is_model, weights=weights)  # fmt: skip
     root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
     return root / subfolder if subfolder else root

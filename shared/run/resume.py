@@ -7,7 +7,8 @@ cannot be continued under it:
 - refused: the model (its weights or architecture, the tokenizer, the noise schedule and the
   prediction type), the resolution, the data and the batch layout (which samples the saved
   data position counts, the batch size per device, accumulation, prior preservation, the seed
-  that orders the data) and the state layout (trained text encoder, EMA, 8-bit optimizer);
+  that orders the data) and the state layout (trained text encoder, EMA, 8-bit
+  optimizer, the dtype of AdamW's moments);
 - takes effect: everything else. The learning rate and its schedule are a function of the step
   (`shared.run.lr`), so a new `--learning_rate`, `--lr_scheduler`, warmup or `--max_train_steps`
   gives the new schedule's value at the resumed step; optimizer hyperparameters, EMA settings,
@@ -72,7 +73,9 @@ REFUSED: dict[str, str] = {
     **dict.fromkeys(
         ("train_batch_size", "gradient_accumulation_steps", "with_prior_preservation"), _BATCH
     ),
-    **dict.fromkeys(("train_text_encoder", "use_ema", "use_8bit_adam"), _STATE),
+    **dict.fromkeys(
+        ("train_text_encoder", "use_ema", "use_8bit_adam", "adam_moments_dtype"), _STATE
+    ),
 }
 # Never compared: where the run is resumed from, and values that are not saved.
 _IGNORED = ("resume_from_checkpoint", "hub_token", "local_rank", "overwrite_output_dir")

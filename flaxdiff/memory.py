@@ -1,0 +1,120 @@
+"""What a compiled train step needs per device, what a device has, and what would make it fit.
+
+XLA reports a compiled program's memory (`Compiled.memory_analysis()`): its arguments (the state
+and the batch), its outputs, the outputs that reuse donated arguments (aliases) and the
+temporaries (activations kept for the backward pass, gradients, collectives' buffers). What a
+device holds at the peak is arguments + outputs - aliases + temporaries. The trainer checks this
+against its devices before step 1 and `flaxdiff.plan` against a TPU it compiles for.
+
+TPU figures are per JAX device (a TensorCore on v2-v4 without megacore, a chip on v4/v5p with
+megacore, a chip on v5e/v6e): Google's published HBM and peak bf16 FLOP/s per chip, scaled by the
+device's share of its chip's cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """Bytes per device of one compiled step."""
+
+    arguments: int
+    outputs: int
+    aliases: int
+    temporaries: int
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliases + self.temporaries
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A TPU generation: per chip, and how many TensorCores share it."""
+
+    hbm_bytes: int
+    peak_bf16_flops: float  # per second
+    cores: int
+
+
+# jax's `device_kind` -> the chip (cloud.google.com/tpu/docs: system architecture pages).
+CHIPS: dict[str, Chip] = {
+    "TPU v2": Chip(16 * GIB, 45e12, 2),
+    "TPU v3": Chip(32 * GIB, 123e12, 2),
+    "TPU v4": Chip(32 * GIB, 275e12, 2),
+    "TPU v5": Chip(95 * GIB, 459e12, 2),  # v5p
+    "TPU v5 lite": Chip(16 * GIB, 197e12, 1),  # v5e
+    "TPU v6 lite": Chip(32 * GIB, 918e12, 1),  # v6e (Trillium)
+}
+
+
+def step_memory(compiled: Any) -> StepMemory:
+    """The per-device memory of a `jax.stages.Compiled` step (pmap or jit)."""
+    stats = compiled.memory_analysis()
+    if isinstance(stats, (list, tuple)):  # some runtimes report one entry per device
+        stats = stats[0]
+    return StepMemory(
+        arguments=int(stats.argument_size_in_bytes),
+        outputs=int(stats.output_size_in_bytes),
+        aliases=int(stats.alias_size_in_bytes),
+        temporaries=int(stats.temp_size_in_bytes),
+    )
+
+
+def _chip_share(device: Any) -> tuple[Chip, float] | None:
+    chip = CHIPS.get(getattr(device, "device_kind", ""))
+    if chip is None:
+        return None
+    cores = getattr(device, "num_cores", None) or chip.cores
+    return chip, min(cores, chip.cores) / chip.cores
+
+
+def device_memory_bytes(device: Any) -> int | None:
+    """A device's memory: what its runtime reports, else the TPU table; None when unknown (a CPU,
+    whose "device" is the host's memory, shared with everything else)."""
+    if device.platform != "cpu":
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # topology devices and some runtimes have no stats
+            stats = {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    share = _chip_share(device)
+    return int(share[0].hbm_bytes * share[1]) if share else None
+
+
+def peak_flops(device: Any) -> float | None:
+    """A TPU device's peak bf16 FLOP/s; None where the table has no entry."""
+    share = _chip_share(device)
+    return share[0].peak_bf16_flops * share[1] if share else None
+
+
+def gib(n: int | float | None) -> str:
+    return "?" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def fit_advice(cfg: Any, num_devices: int) -> str:
+    """The flags that lower per-device memory and are not in use yet, biggest lever first."""
+    advice = []
+    if not cfg.training.gradient_checkpointing:
+        advice.append("--gradient_checkpointing (recompute activations in the backward pass)")
+    if (cfg.flax.parallelism != "mesh" or cfg.flax.fsdp_size == 1) and num_devices > 1:
+        advice.append(
+            f"--parallelism mesh --fsdp_size {num_devices} (shard params, AdamW moments "
+            "and EMA over the devices)"
+        )
+    if cfg.flax.adam_moments_dtype == "float32":
+        advice.append("--adam_moments_dtype bfloat16 (half the optimizer's memory)")
+    if cfg.training.mixed_precision in (None, "no"):
+        advice.append("--mixed_precision bf16 (bf16 activations)")
+    if cfg.training.train_batch_size > 1:
+        advice.append(
+            f"a smaller --train_batch_size (now {cfg.training.train_batch_size}) with "
+            "--gradient_accumulation_steps to keep the effective batch"
+        )
+    return "; ".join(advice) or "a smaller --resolution, or devices with more memory"

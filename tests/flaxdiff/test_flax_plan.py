@@ -1,0 +1,107 @@
+"""`flaxdiff.plan` and the trainer's fit check: the tiny preset's real train step compiled for a
+TPU v3-8 (`v3:2x2`, libtpu, no TPU) under both strategies, and a run that cannot fit stopped
+before step 1 with the flags that would make it fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxdiff import memory, parallel, plan, trainer
+from flaxdiff.components import load_components
+from flaxdiff.models.layers import ModelOptions
+from shared import cli
+from shared.config import ConfigError
+from shared.run.task import task_spec
+
+pytest.importorskip("libtpu", reason="flaxdiff.plan compiles for TPUs through libtpu")
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _flags(*extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "models" / "tiny-ddpm.yaml"),
+        "--train_data_dir", "unused", "--output_dir", "unused", "--resolution", "32",
+        "--train_batch_size", "2", "--use_ema", *extra,
+    ]  # fmt: skip
+
+
+def _cfg(*extra: str):
+    return cli.parse_args(_flags(*extra), task="unconditional", backend="flax")
+
+
+@pytest.fixture(scope="module")
+def v3_8():
+    return plan.topology_devices("v3-8")
+
+
+def _logical_state_bytes(cfg, devices) -> int:
+    """Bytes of the state one device holds under the strategy's layout (no TPU padding)."""
+    spec = task_spec(cfg)
+    components = load_components(cfg, ModelOptions.from_config(cfg), abstract=True)
+    strategy = parallel.strategy_from_config(cfg, devices)
+    parts = trainer.build_step(cfg, spec, components, strategy, learning_rate=1e-4, total_steps=1)
+    state = {**parts.state, "frozen": parts.frozen}
+    if strategy.name == "pmap":
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return parallel.bytes_per_device(state, strategy.shardings(state))
+
+
+def test_the_tiny_step_compiles_for_a_v3_8_under_pmap_and_mesh(v3_8, tmp_path, capsys):
+    assert len(v3_8) == 8 and v3_8[0].device_kind == "TPU v3"
+    assert memory.device_memory_bytes(v3_8[0]) == 16 * memory.GIB  # half of a 32 GiB chip
+
+    # pmap through the command line (table and JSON), mesh through the function.
+    out = tmp_path / "plan.json"
+    assert plan.main(["unconditional", "--topology", "v3-8", "--json", str(out), *_flags()]) == 0
+    printed = capsys.readouterr().out
+    assert "v3-8" in printed and "est. MFU" in printed
+    (record,) = json.loads(out.read_text())
+    mesh_cfg = _cfg("--parallelism", "mesh", "--fsdp_size", "8")
+    mesh = plan.estimate(mesh_cfg, v3_8, topology="v3-8")
+
+    assert record["parallelism"] == "pmap" and mesh.parallelism == "mesh"
+    for e in (record, mesh.to_dict(memory.peak_flops(v3_8[0]))):
+        assert e["devices"] == 8 and e["hbm_bytes"] == 16 * memory.GIB and e["fits"] is True
+        assert e["flops_per_device"] > 0 and e["step_seconds"] > 0
+        assert e["total_bytes"] >= e["arguments_bytes"] > 0
+        assert 0 < e["mfu"] < 1
+    # The arguments hold at least the state each device keeps (TPU layouts pad small dims).
+    pmap_state = _logical_state_bytes(_cfg(), v3_8)
+    mesh_state = _logical_state_bytes(mesh_cfg, v3_8)
+    assert record["arguments_bytes"] >= pmap_state
+    assert mesh.arguments_bytes >= mesh_state
+    # FSDP over 8 devices keeps an eighth of the large arrays: the state shrinks several-fold.
+    assert mesh_state < pmap_state / 3
+    assert mesh.arguments_bytes < record["arguments_bytes"] / 2
+    # The same examples per device: the same work per device, give or take the collectives.
+    assert mesh.flops_per_device == pytest.approx(record["flops_per_device"], rel=0.25)
+
+
+def test_an_unknown_topology_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="--topology v9-8"):
+        plan.topology_devices("v9-8")
+
+
+def test_a_step_that_cannot_fit_stops_with_the_flags_that_would_help(monkeypatch):
+    compiled = jax.jit(lambda x: jnp.tanh(x) * 2).lower(jnp.zeros((256, 256))).compile()
+    need = memory.step_memory(compiled)
+    assert need.arguments == 256 * 256 * 4 and need.total >= need.arguments
+    cfg = _cfg("--parallelism", "pmap")
+    strategy = parallel.strategy_from_config(cfg)
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda device: need.total - 1)
+    with pytest.raises(ConfigError) as error:
+        trainer.check_fits(cfg, compiled, strategy)
+    message = str(error.value)
+    assert "\n" not in message and "per device" in message
+    assert "--gradient_checkpointing" in message and "--adam_moments_dtype bfloat16" in message
+    assert "--train_batch_size" in message
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda device: need.total)
+    trainer.check_fits(cfg, compiled, strategy)  # exactly enough: no error
