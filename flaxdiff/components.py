@@ -161,6 +161,7 @@ class TextSampler:
                  steps: int):  # fmt: skip
         sampler = sampling.sampler_from_config(components.scheduler_config, scheduler_name)
         use_mask = cfg.prompts.text_encoder_use_attention_mask
+        timestep_labels = cfg.get("class_labels_conditioning") == "timesteps"
         # diffusers' vae_scale_factor: the VAE halves the size at every block but the last.
         size = cfg.data.resolution // 2 ** (len(components.vae.config.block_out_channels) - 1)
         channels = components.unet.config.in_channels
@@ -180,7 +181,13 @@ class TextSampler:
             n = keys.shape[0]
             noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(keys)
             uncond, cond = (jnp.repeat(s[None], n, axis=0) for s in states)
-            denoise = sampling.guided(lambda x, t, c: unet(x, t, c), cond, uncond, GUIDANCE_SCALE)
+            def net(x, t, c):
+                if not timestep_labels:
+                    return unet(x, t, c)
+                # Trained with --class_labels_conditioning timesteps: sampled the same way.
+                return unet(x, t, c, class_labels=jnp.broadcast_to(t, x.shape[:1]))
+
+            denoise = sampling.guided(net, cond, uncond, GUIDANCE_SCALE)
             latents = sampling.sample(denoise, noise, scheduler=sampler, num_inference_steps=steps)
             return jnp.clip(vae.images_from_latents(latents) / 2 + 0.5, 0.0, 1.0)
 

@@ -425,7 +425,13 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
     start = 0
     if resume_from is not None:
         start = int(checkpoints.read_trainer_state(resume_from)["global_step"])
-        resume.check_resume_config(resume_from, cfg, step=start)
+        resume.check_resume_config(
+            resume_from,
+            cfg,
+            step=start,
+            num_devices=jax.device_count(),
+            num_processes=jax.process_count(),
+        )
     if cfg.hub.push_to_hub and group.is_main:
         hub.check_access(cfg)
     trackers = Trackers.from_config(cfg, is_main=group.is_main)
@@ -561,7 +567,11 @@ def save_checkpoint(run: Run) -> Path:
         trained,
         group=run.group,
         step=run.step,
-        trainer_state={"global_step": run.step, **run.guard.state()},
+        trainer_state={
+            "global_step": run.step,
+            "plan": dataclasses.asdict(run.plan),  # as torch saves it; read by resume
+            **run.guard.state(),
+        },
         config_text=cli.to_yaml(run.cfg),
         loader_state=run.loader.state(),
         limit=run.cfg.checkpoint.checkpoints_total_limit,

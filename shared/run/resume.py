@@ -25,6 +25,7 @@ from typing import Any
 
 from shared import cli
 from shared.config import FIELDS, ConfigError, TrainConfig, thaw
+from shared.run import checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +112,34 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> list[Change]:
     return changes
 
 
-def check_resume_config(checkpoint: str | os.PathLike, cfg: TrainConfig, *, step: int) -> list:
+def _same_global_batch(
+    checkpoint: str | os.PathLike, cfg: TrainConfig, num_devices: int, num_processes: int
+) -> bool:
+    """Whether the checkpoint's run had this run's global batch and process count.
+
+    Then a new `--train_batch_size` on another device count (8 devices x 1 -> 4 x 2) keeps every
+    process's batch, so the saved data positions and steps count the same batches. Known only
+    when the checkpoint saved its plan (`trainer_state.json`'s "plan").
+    """
+    plan = checkpoints.read_trainer_state(checkpoint).get("plan") or {}
+    return (
+        plan.get("global_batch_size") == cfg.training.train_batch_size * num_devices
+        and plan.get("num_processes") == num_processes
+    )
+
+
+def check_resume_config(
+    checkpoint: str | os.PathLike,
+    cfg: TrainConfig,
+    *,
+    step: int,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+) -> list:
     """Compares `checkpoint/config.yaml` with `cfg`; logs what takes effect, refuses the rest.
+
+    With `num_devices` and `num_processes` (the resuming run's), a `--train_batch_size` change
+    that keeps the saved global batch and process count takes effect (another device count).
 
     Returns:
       The changes that take effect (empty when the configs agree or the checkpoint has no
@@ -132,6 +159,16 @@ def check_resume_config(checkpoint: str | os.PathLike, cfg: TrainConfig, *, step
             f"{cfg.task}"
         )
     changes = config_changes(saved, cfg)
+    if (
+        num_devices is not None
+        and num_processes is not None
+        and any(c.name == "train_batch_size" for c in changes)
+        and _same_global_batch(checkpoint, cfg, num_devices, num_processes)
+    ):
+        changes = [
+            dataclasses.replace(c, refused_because=None) if c.name == "train_batch_size" else c
+            for c in changes
+        ]
     refused = [c for c in changes if c.refused_because]
     if refused:
         reasons = "; ".join(f"{c.describe()} ({c.refused_because})" for c in refused)

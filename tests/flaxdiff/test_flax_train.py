@@ -14,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from flaxdiff import unconditional
@@ -266,3 +268,73 @@ def test_sigterm_checkpoints_and_the_run_resumes(digits, tmp_path, monkeypatch):
     resumed = [*args, "--resume_from_checkpoint", "latest"]
     assert cli.run_main(lambda: unconditional.main(resumed)) == 0
     assert (out / "model_index.json").is_file()
+
+
+def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list(folder.rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    return {
+        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def test_dreambooth_trains_the_text_encoder_with_class_labels_and_resumes_exactly(assets, tmp_path):
+    """--train_text_encoder (its weights in the optimizer, the checkpoint and the export),
+    --class_labels_conditioning timesteps on a UNet with a timestep class embedding, validation
+    with the trained encoder, TensorBoard events; k steps + resume == N steps, bit for bit."""
+    import yaml
+
+    from flaxdiff import dreambooth
+    from flaxdiff.models import convert
+
+    model = yaml.safe_load((REPO / "configs" / "models" / "tiny.yaml").read_text())
+    model["model"]["unet_config"]["class_embed_type"] = "timestep"
+    config = tmp_path / "tiny-class-labels.yaml"
+    config.write_text(yaml.safe_dump(model))
+
+    def args(out, steps, *extra):
+        return [
+            "--config", str(config), "--tokenizer_name", str(assets.tokenizer_dir),
+            "--instance_data_dir", str(assets.instance_dir),
+            "--instance_prompt", assets.instance_prompt, "--train_text_encoder",
+            "--class_labels_conditioning", "timesteps", "--resolution", "64",
+            "--train_batch_size", "1", "--learning_rate", "1e-3", "--max_train_steps", str(steps),
+            "--checkpointing_steps", "1", "--output_dir", str(out), "--seed", "3", *extra,
+        ]  # fmt: skip
+
+    straight = tmp_path / "straight"
+    extra = ("--validation_prompt", "a photo of sks cat", "--validation_steps", "2",
+             "--num_validation_images", "1", "--report_to", "tensorboard")  # fmt: skip
+    assert cli.run_main(lambda: dreambooth.main(args(straight, 2, *extra))) == 0
+    assert (straight / "validation").is_dir() and list((straight / "validation").glob("*.png"))
+    scalars = _events(straight / "logs")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2]
+    assert all(np.isfinite(value) for _, value in scalars["train/loss"])
+    assert [step for step, _ in scalars["train/lr"]] == [1, 2]
+
+    # The exported text encoder is the trained one, not the random init it started from.
+    text_config = model["model"]["text_encoder_config"]
+    start = convert.init_model(text_config, seed=3)
+    trained = convert.from_diffusers(straight / "text_encoder")
+    before, after = nnx.state(start, nnx.Param), nnx.state(trained, nnx.Param)
+    changed = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+    ]
+    assert any(changed)
+    unet = load_file(straight / UNET)
+    assert "class_embedding.linear_1.weight" in unet
+
+    resumed = tmp_path / "resumed"
+    assert cli.run_main(lambda: dreambooth.main(args(resumed, 1, "--report_to", "none"))) == 0
+    again = args(resumed, 2, "--report_to", "none", "--resume_from_checkpoint", "latest")
+    assert cli.run_main(lambda: dreambooth.main(again)) == 0
+    for name in (UNET, "text_encoder/model.safetensors"):
+        want, got = load_file(straight / name), load_file(resumed / name)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert np.array_equal(want[key], got[key]), (name, key)
