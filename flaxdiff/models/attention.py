@@ -147,9 +147,13 @@ def _flash_attention(query, key, value, *, scale):
     length_q, length_k = query.shape[1], key.shape[1]
     pad_q = -length_q % _FLASH_BLOCK
     pad_k = -length_k % _FLASH_BLOCK
+    # The kernel takes head dims up to 128 or multiples of 128 (SD 1.5's deepest level has 160):
+    # zero features change no dot product, and the output's zero columns are cut off below.
+    head_dim = query.shape[-1]
+    pad_d = -head_dim % _FLASH_BLOCK if head_dim > _FLASH_BLOCK else 0
 
-    def heads_first(x, pad):  # (B, L, H, D) -> (B, H, L + pad, D)
-        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    def heads_first(x, pad):  # (B, L, H, D) -> (B, H, L + pad, D + pad_d)
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, pad_d))).transpose(0, 2, 1, 3)
 
     batch = query.shape[0]
     segment_ids = None
@@ -175,7 +179,7 @@ def _flash_attention(query, key, value, *, scale):
         block_sizes=block,
     )
     # Padded query rows attend to nothing (segment 1 has no keys) and are dropped here.
-    return out.transpose(0, 2, 1, 3)[:, :length_q]
+    return out.transpose(0, 2, 1, 3)[:, :length_q, :, :head_dim]
 
 
 def _tpu_interpret_mode_active() -> bool:

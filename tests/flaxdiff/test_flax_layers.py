@@ -46,16 +46,38 @@ def test_attention_paths_agree_with_a_causal_mask():
         np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize(("lq", "lk"), [(50, 77), (128, 128), (130, 9)])
-def test_flash_attention_kernel_matches_in_tpu_interpret_mode(lq, lk):
+@pytest.mark.parametrize(
+    ("lq", "lk", "dim"), [(50, 77, 8), (128, 128, 8), (130, 9, 8), (9, 7, 160)]
+)
+def test_flash_attention_kernel_matches_in_tpu_interpret_mode(lq, lk, dim):
     """The Pallas TPU kernel, run by Pallas' TPU interpreter on CPU; lengths that are not
-    multiples of its 128 block are padded and masked by segment ids."""
+    multiples of its 128 block are padded and masked by segment ids, head dims over 128 (SD 1.5's
+    160) padded with zero features."""
     from jax.experimental.pallas import tpu as pltpu
 
-    q, k, v = _qkv(lq=lq, lk=lk, heads=1, dim=8)
+    q, k, v = _qkv(lq=lq, lk=lk, heads=1, dim=dim)
     with pltpu.force_tpu_interpret_mode():
         out = attention.attention(q, k, v, implementation="flash")
     assert out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out), _naive(q, k, v), rtol=0, atol=2e-6)
+
+
+def test_flash_attention_under_a_mesh_runs_per_device_by_shard_map():
+    """A jit over a mesh cannot partition a Pallas kernel: the strategies trace the step with the
+    mesh set, and the kernel then runs under shard_map on each device's batch rows."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.sharding import Mesh
+
+    q, k, v = _qkv(lq=50, lk=77, heads=2, dim=8)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+
+    @jax.jit
+    def run(q, k, v):
+        with attention.target_platform("tpu", mesh=mesh, batch_axes=("data", "fsdp")):
+            return attention.attention(q, k, v, implementation="flash")
+
+    with pltpu.force_tpu_interpret_mode():
+        out = run(q, k, v)
     np.testing.assert_allclose(np.asarray(out), _naive(q, k, v), rtol=0, atol=2e-6)
 
 
