@@ -50,7 +50,7 @@ from flaxdiff.components import (
     load_components,
 )
 from flaxdiff.diffusion import Objective
-from flaxdiff.models.layers import ModelOptions
+from flaxdiff.models.layers import ModelOptions, set_options
 from flaxdiff.trackers import Trackers
 from shared import cli, hub
 from shared.config import ConfigError, TrainConfig
@@ -530,26 +530,40 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
     )
 
 
+_GENERATION_DTYPES = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
+
+
 def make_class_images(cfg: TrainConfig, components: Components, group: ProcessGroup) -> int:
-    """DreamBooth's missing class images, sampled with the base model (shared planning)."""
-    sampler = TextSampler(
-        components, cfg, scheduler_name="DPMSolverMultistepScheduler", steps=CLASS_IMAGE_STEPS
-    )
-    prompts = Prompts(cfg, components.tokenizer_dir)
-    unet_state, text_state = nnx.state(components.unet), nnx.state(components.text_encoder)
-    base = jax.random.fold_in(jax.random.key(cfg.seed), group.index)
-    counter = iter(range(1 << 30))
+    """DreamBooth's missing class images, sampled with the base model (shared planning), in
+    `--prior_generation_precision`'s dtype (default: the run's compute dtype)."""
+    models = (components.unet, components.vae, components.text_encoder)
+    dtype = _GENERATION_DTYPES.get(cfg.prompts.prior_generation_precision)
+    before = [m.options.dtype for m in models]
+    if dtype is not None:
+        for model in models:
+            set_options(model, dtype=dtype)
+    try:
+        sampler = TextSampler(
+            components, cfg, scheduler_name="DPMSolverMultistepScheduler", steps=CLASS_IMAGE_STEPS
+        )
+        prompts = Prompts(cfg, components.tokenizer_dir)
+        unet_state, text_state = nnx.state(components.unet), nnx.state(components.text_encoder)
+        base = jax.random.fold_in(jax.random.key(cfg.seed), group.index)
+        counter = iter(range(1 << 30))
 
-    def sample(batch_prompts: list[str]) -> list[np.ndarray]:
-        images = []
-        for prompt in batch_prompts:
-            states = sampler.encode(text_state, prompts(["", prompt]))
-            keys = jax.random.split(jax.random.fold_in(base, next(counter)), 1)
-            out = sampler.draw(unet_state, states, keys)
-            images.append((np.asarray(out[0]) * 255 + 0.5).astype(np.uint8))
-        return images
+        def sample(batch_prompts: list[str]) -> list[np.ndarray]:
+            images = []
+            for prompt in batch_prompts:
+                states = sampler.encode(text_state, prompts(["", prompt]))
+                keys = jax.random.split(jax.random.fold_in(base, next(counter)), 1)
+                out = sampler.draw(unet_state, states, keys)
+                images.append((np.asarray(out[0], np.float32) * 255 + 0.5).astype(np.uint8))
+            return images
 
-    return generate_class_images(cfg, sample, group=group)
+        return generate_class_images(cfg, sample, group=group)
+    finally:
+        for model, original in zip(models, before, strict=True):
+            set_options(model, dtype=original)
 
 
 # --- events -----------------------------------------------------------------------------------

@@ -121,6 +121,12 @@ def _validate_ranges(cfg: TrainConfig) -> None:
 
 def _validate_task(cfg: TrainConfig) -> None:
     m, data, p, d = cfg.model, cfg.data, cfg.prompts, cfg.diffusion
+    _check(
+        not cfg.validation.validation_images,
+        "--validation_images feeds image-conditioned pipelines (DeepFloyd IF's upscaler), which "
+        "twindiff does not train; remove it (--validation_prompt samples the Stable Diffusion "
+        "pipeline)",
+    )
     if cfg.task in _LATENT:
         inline = all((m.unet_config, m.vae_config, m.text_encoder_config, m.tokenizer_name))
         _check(

@@ -217,6 +217,8 @@ COMPANIONS = {
     "with_prior_preservation": ["--class_data_dir", "cls", "--class_prompt", "a photo of dog"],
 }
 SAMPLE = {"int": ("64", 64), "float": ("0.5", 0.5)}
+# Reference flags twindiff parses but refuses, with the reason's key words.
+REFUSED = {"validation_images": "does not train"}
 
 
 def _params(*, with_required=True):
@@ -258,6 +260,10 @@ def test_reference_flag_parses(task, name, default, kind):
         expected = expected or STRING_VALUES.get(name, "some/value")
         argv += [f"--{name}={expected}"]
     argv += COMPANIONS.get(name, [])
+    if name in REFUSED:
+        with pytest.raises(ConfigError, match=f"--{name}.*{REFUSED[name]}"):
+            cli.parse_args(argv, task=task, backend="torch")
+        return
     cfg = cli.parse_args(argv, task=task, backend="torch")
     assert cfg.get(name) == expected
 
