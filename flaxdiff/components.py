@@ -181,6 +181,7 @@ class TextSampler:
             n = keys.shape[0]
             noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(keys)
             uncond, cond = (jnp.repeat(s[None], n, axis=0) for s in states)
+
             def net(x, t, c):
                 if not timestep_labels:
                     return unet(x, t, c)

@@ -14,6 +14,7 @@ device's share of its chip's cores.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 GIB = 2**30
@@ -64,6 +65,19 @@ def step_memory(compiled: Any) -> StepMemory:
         aliases=int(stats.alias_size_in_bytes),
         temporaries=int(stats.temp_size_in_bytes),
     )
+
+
+# XLA's TPU compiler refuses a program whose temporaries exceed the HBM; its message gives both
+# in GiB ("G": HumanReadableNumBytes counts in powers of 1024).
+_OUT_OF_HBM = re.compile(
+    r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)"
+)
+
+
+def out_of_memory(error: BaseException) -> tuple[float, float] | None:
+    """(needed, usable) GiB when `error` is XLA refusing a step that does not fit, else None."""
+    found = _OUT_OF_HBM.search(str(error))
+    return (float(found.group(1)), float(found.group(2))) if found else None
 
 
 def _chip_share(device: Any) -> tuple[Chip, float] | None:

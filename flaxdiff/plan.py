@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from flaxdiff import memory, parallel, trainer
 from flaxdiff.components import load_components, text_length
@@ -99,12 +100,15 @@ class Estimate:
     temporaries_bytes: int
     total_bytes: int
     hbm_bytes: int | None
-    flops_per_device: float
+    flops_per_device: float | None  # None: XLA refused to compile (out of memory)
     step_seconds: float | None  # XLA's estimate
     compile_seconds: float
+    out_of_memory: str | None = None  # XLA's reason when it refused
 
     @property
     def fits(self) -> bool | None:
+        if self.out_of_memory:
+            return False
         return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
 
     @property
@@ -113,7 +117,7 @@ class Estimate:
 
     def mfu(self, peak: float | None) -> float | None:
         """Model FLOPs utilization by XLA's estimate: FLOPs per second over the device's peak."""
-        if not self.step_seconds or not peak:
+        if not self.step_seconds or not peak or self.flops_per_device is None:
             return None
         return self.flops_per_device / self.step_seconds / peak
 
@@ -131,6 +135,14 @@ def _cost(compiled: Any) -> dict[str, float]:
     if isinstance(cost, (list, tuple)):  # older runtimes: one dict per program
         cost = cost[0]
     return dict(cost or {})
+
+
+def state_bytes_per_device(strategy: parallel.Strategy, abstract_state: Any) -> int:
+    """Bytes of the state one device keeps: all of it under pmap, its shards on the mesh (the
+    logical size; TPU layouts pad small dimensions)."""
+    if isinstance(strategy, parallel.MeshStrategy):
+        return parallel.bytes_per_device(abstract_state, strategy.shardings(abstract_state))
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
 
 
 def estimate(cfg: TrainConfig, devices: Sequence[jax.Device], *, topology: str) -> Estimate:
@@ -154,11 +166,38 @@ def estimate(cfg: TrainConfig, devices: Sequence[jax.Device], *, topology: str) 
     state = {**parts.state, "frozen": parts.frozen}
     started = time.perf_counter()
     lowered = strategy.compile(parts.train_step).lower(*strategy.abstract_inputs(state, shapes))
-    compiled = lowered.compile()
+    images = cfg.training.train_batch_size * accumulation * (2 if spec.prior_preservation else 1)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        found = memory.out_of_memory(error)
+        if found is None:
+            raise
+        batch = sum(
+            int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize // strategy.local_device_count
+            for x in jax.tree.leaves(shapes)
+        )
+        arguments = state_bytes_per_device(strategy, state) + batch
+        temporaries = int(found[0] * memory.GIB)
+        return Estimate(
+            topology=topology,
+            device_kind=devices[0].device_kind,
+            devices=len(devices),
+            parallelism=strategy.name,
+            fsdp_size=cfg.flax.fsdp_size if strategy.name == "mesh" else 1,
+            images_per_device=images,
+            arguments_bytes=arguments,
+            temporaries_bytes=temporaries,
+            total_bytes=arguments + temporaries,
+            hbm_bytes=memory.device_memory_bytes(devices[0]),
+            flops_per_device=None,
+            step_seconds=None,
+            compile_seconds=time.perf_counter() - started,
+            out_of_memory=f"temporaries {found[0]:.2f} GiB > the {found[1]:.2f} GiB XLA can use",
+        )
     seconds = time.perf_counter() - started
     need = memory.step_memory(compiled)
     cost = _cost(compiled)
-    images = cfg.training.train_batch_size * accumulation * (2 if spec.prior_preservation else 1)
     return Estimate(
         topology=topology,
         device_kind=devices[0].device_kind,
@@ -188,7 +227,7 @@ def _row(e: Estimate, peak: float | None) -> list[str]:
         f"{e.total_bytes / memory.GIB:.2f} / "
         + ("?" if e.hbm_bytes is None else f"{e.hbm_bytes / memory.GIB:.0f}"),
         fits,
-        f"{e.flops_per_device / 1e12:.2f}",
+        "?" if e.flops_per_device is None else f"{e.flops_per_device / 1e12:.2f}",
         "?" if e.step_seconds is None else f"{e.step_seconds:.3f}",
         "?" if ips is None else f"{ips:.1f}",
         "?" if mfu is None else f"{100 * mfu:.0f}%",
@@ -233,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         estimates.append((e, memory.peak_flops(devices[0])))
     print(format_table(estimates))
     print("est.: XLA's cost model for the compiled step, uncalibrated; compare settings with it.")
+    for e, _ in estimates:
+        if e.out_of_memory:
+            print(
+                f"{e.topology}: XLA refused the step ({e.out_of_memory}); arguments are the "
+                f"state and batch each device keeps. To fit: {memory.fit_advice(cfg, e.devices)}"
+            )
     if args.json:
         records = [e.to_dict(peak) for e, peak in estimates]
         args.json.write_text(json.dumps(records, indent=2) + "\n")

@@ -362,10 +362,27 @@ def batch_shapes(
 # --- setup ------------------------------------------------------------------------------------
 
 
-def _compile(run_strategy: parallel.Strategy, step_fn: Callable, state, batch) -> tuple[Any, float]:
-    """The step compiled ahead of time for `state` and `batch`'s shapes, and the seconds taken."""
+def _compile(
+    cfg: TrainConfig, strategy: parallel.Strategy, step_fn: Callable, state, batch
+) -> tuple[Any, float]:
+    """The step compiled ahead of time for `state` and `batch`'s shapes, and the seconds taken.
+
+    Raises:
+      ConfigError: XLA refused the step for lack of device memory (a TPU checks at compile).
+    """
     started = time.perf_counter()
-    compiled = step_fn.lower(*run_strategy.abstract_inputs(state, batch)).compile()
+    lowered = step_fn.lower(*strategy.abstract_inputs(state, batch))
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        found = memory.out_of_memory(error)
+        if found is None:
+            raise
+        raise ConfigError(
+            f"the train step needs {found[0]:.2f} GiB of temporaries per device, more than the "
+            f"{found[1]:.2f} GiB this {strategy.platform} has: try "
+            f"{memory.fit_advice(cfg, strategy.num_devices)}"
+        ) from None
     return compiled, time.perf_counter() - started
 
 
@@ -488,7 +505,7 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), {**host_state, "frozen": parts.frozen}
     )
     step_fn, compile_seconds = _compile(
-        strategy, strategy.compile(parts.train_step), host_shapes, shapes
+        cfg, strategy, strategy.compile(parts.train_step), host_shapes, shapes
     )
     logger.info("compiled the train step in %.1f s", compile_seconds)
     check_fits(cfg, step_fn, strategy)

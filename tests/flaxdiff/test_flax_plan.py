@@ -105,3 +105,17 @@ def test_a_step_that_cannot_fit_stops_with_the_flags_that_would_help(monkeypatch
     assert "--train_batch_size" in message
     monkeypatch.setattr(memory, "device_memory_bytes", lambda device: need.total)
     trainer.check_fits(cfg, compiled, strategy)  # exactly enough: no error
+
+
+def test_xla_refusing_a_step_for_hbm_is_read_as_out_of_memory(v3_8):
+    """On a TPU, XLA refuses at compile a program whose temporaries exceed the HBM; the planner
+    reports it as not fitting and the trainer as a one-line error with the flags to try."""
+    from jax.sharding import SingleDeviceSharding
+
+    x = jax.ShapeDtypeStruct((8, 1024), jnp.float32, sharding=SingleDeviceSharding(v3_8[0]))
+    huge = jax.jit(lambda x: (jnp.ones((2**32,)) * x.sum()).cumsum()[-1])  # 16 GiB temporary
+    with pytest.raises(jax.errors.JaxRuntimeError) as error:
+        huge.lower(x).compile()
+    needed, usable = memory.out_of_memory(error.value)
+    assert needed >= 16 and usable < 16
+    assert memory.out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes")) is None
