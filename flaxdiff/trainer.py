@@ -281,6 +281,22 @@ class StepParts:
     optimizer: Any
 
 
+def _frozen_dtype(cfg: TrainConfig, weights: dict) -> dict:
+    """Frozen weights in the compute dtype under ``--mixed_precision bf16``, as torchdiff casts
+    its frozen VAE and text encoder to the weight dtype: half their memory on every device."""
+    if cfg.training.mixed_precision != "bf16":
+        return weights
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
+        return np.asarray(x).astype(jnp.bfloat16)
+
+    return jax.tree.map(cast, weights)
+
+
 def build_step(
     cfg: TrainConfig, spec: TaskSpec, components: Components, strategy: parallel.Strategy, *,
     learning_rate: float, total_steps: int, text_encoder: bool = True,
@@ -304,7 +320,7 @@ def build_step(
             params[name] = weights
             frozen[name] = {"rest": rest}
         else:
-            frozen[name] = {"params": weights, "rest": rest}
+            frozen[name] = {"params": _frozen_dtype(cfg, weights), "rest": rest}
     optimizer = optim.build_optimizer(cfg, learning_rate=learning_rate, total_steps=total_steps)
 
     rng = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))

@@ -158,7 +158,8 @@ def _sample_sd(folder: Path) -> None:
 
 def test_text2image_from_configs_then_from_its_export(assets, tmp_path):
     """text2image on the tiny SD model (random init, EMA, min-SNR, v-prediction, validation), whose
-    export diffusers loads; then a run that starts from that folder (DREAM training)."""
+    export diffusers loads; then a run that starts from that folder (DREAM training, bf16 compute
+    with the frozen VAE and text encoder held in bf16)."""
     from flaxdiff import text2image
 
     first = tmp_path / "first"
@@ -182,7 +183,8 @@ def test_text2image_from_configs_then_from_its_export(assets, tmp_path):
         "--pretrained_model_name_or_path", str(first),
         "--train_data_dir", str(assets.captioned_dir), "--resolution", "64",
         "--train_batch_size", "2", "--max_train_steps", "1", "--dream_training",
-        "--prediction_type", "epsilon", "--report_to", "none", "--output_dir", str(second),
+        "--prediction_type", "epsilon", "--mixed_precision", "bf16",
+        "--report_to", "none", "--output_dir", str(second),
     ]  # fmt: skip
     assert cli.run_main(lambda: text2image.main(args)) == 0
     _sample_sd(second)
