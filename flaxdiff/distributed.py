@@ -6,15 +6,17 @@ called:
 
 - ``JAX_COORDINATOR_ADDRESS`` is set (any machine, e.g. two local processes on 127.0.0.1):
   with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` from the environment, which must be set too;
-- on a Cloud TPU VM slice with more than one worker (``TPU_WORKER_HOSTNAMES`` lists several, or
-  JAX's own TPU cluster detection says so): without arguments, JAX reads the slice's metadata;
-- otherwise not: one process, its local devices.
+- on a Cloud TPU VM (TPU devices under /dev, libtpu installed): without arguments, JAX reads the
+  slice's metadata (one process on a single-host VM; optional there, but orbax's multi-host
+  checkpoints and the health checks of a pod need it);
+- otherwise not: one process, its local devices. ``TWINDIFF_DISTRIBUTED=0`` skips it anywhere.
 
 Already-initialized runtimes (a test that initialized first) are left as they are.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 
@@ -38,9 +40,12 @@ def _env_int(name: str) -> int:
         ) from None
 
 
-def _tpu_slice_has_workers() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len([h for h in hosts.split(",") if h.strip()]) > 1
+def _on_tpu_vm() -> bool:
+    """TPU chips attached (v2-v4: /dev/accel*, v5 and later: /dev/vfio) and libtpu to drive them."""
+    import importlib.util
+
+    chips = glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def _initialized() -> bool:
@@ -56,6 +61,8 @@ def initialize() -> bool:
     """
     if _initialized():
         return True
+    if os.environ.get("TWINDIFF_DISTRIBUTED") == "0":
+        return False
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if coordinator:
         count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
@@ -67,8 +74,15 @@ def initialize() -> bool:
         jax.distributed.initialize(coordinator, num_processes=count, process_id=index)
         logger.info("process %d of %d (coordinator %s)", index, count, coordinator)
         return True
-    if _tpu_slice_has_workers():
-        jax.distributed.initialize()
-        logger.info("TPU slice: process %d of %d", jax.process_index(), jax.process_count())
+    if _on_tpu_vm():
+        try:
+            jax.distributed.initialize()
+        except Exception as error:  # the TPU metadata was unreadable: say what to set instead
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise ConfigError(
+                f"jax.distributed.initialize() failed on this TPU VM ({reason}); set "
+                f"{', '.join(_ENV)} on every worker, or TWINDIFF_DISTRIBUTED=0 for one process"
+            ) from None
+        logger.info("TPU VM: process %d of %d", jax.process_index(), jax.process_count())
         return True
     return False
