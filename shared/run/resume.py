@@ -6,7 +6,8 @@ cannot be continued under it:
 
 - refused: the model (its weights or architecture, the tokenizer, the noise schedule and the
   prediction type), the resolution, the data and the batch layout (which samples the saved
-  data position counts, the batch size per device, accumulation, prior preservation, the seed
+  data position counts, the batch size per device (unless the global batch and the process
+  count stay the same: another device count), accumulation, prior preservation, the seed
   that orders the data) and the state layout (trained text encoder, EMA, 8-bit
   optimizer, the dtype of AdamW's moments);
 - takes effect: everything else. The learning rate and its schedule are a function of the step

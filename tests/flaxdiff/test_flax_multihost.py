@@ -4,11 +4,13 @@ Two processes of 2 virtual CPU devices each (4 global, a data=2 x fsdp=2 mesh, e
 one process) joined by `flaxdiff.distributed` from the JAX_COORDINATOR_ADDRESS environment: one
 run, one export, collective checkpoints, disjoint data shards; a SIGTERM on one process stops
 both at the same step with one checkpoint, and that checkpoint resumes to the straight run's
-weights bit for bit. Then one process: a checkpoint written on 8 devices resumes on 4 with the
-same global batch.
+weights bit for bit (the stopped run doubles as the short run of the resume check). Then one
+process: a checkpoint written on 8 devices resumes on 4 with the same global batch, and the
+resume rule that allows it, in process.
 
 Every launch compiles the train step (~20 s on 2 CPU cores), so the runs are 4 steps of a global
-batch of 4 or 8, and launches are shared between assertions through module fixtures.
+batch of 4 or 8, the straight two-process run is a module fixture, and the launches share a
+persistent compilation cache: 6 launches (9 processes), under 3 minutes here.
 """
 
 from __future__ import annotations
@@ -307,3 +309,35 @@ def test_a_checkpoint_of_8_devices_resumes_on_4_with_the_same_global_batch(digit
         moved = max(moved, float(np.abs(want[key] - at_two[key]).max()) / max(scale, 1e-30))
     # Updates 3 and 4 moved the weights by far more than the tolerance: it can tell them apart.
     assert moved > 1e-2
+
+
+def test_a_new_batch_size_resumes_only_with_the_saved_global_batch(digits, tmp_path):
+    """The rule the 8 -> 4 device resume relies on (`shared.run.resume`), both ways, in process."""
+    from shared.config import ConfigError
+    from shared.run import resume
+
+    def cfg(batch):
+        args = _args(digits, tmp_path / "out", "--train_batch_size", str(batch))
+        return cli.parse_args(args, task="unconditional", backend="flax")
+
+    folder = tmp_path / "checkpoint-2"
+    cli.save_config(cfg(1), folder / "config.yaml")
+    plan = {"global_batch_size": 8, "num_processes": 1}  # saved on 8 devices x 1
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2, "plan": plan}))
+
+    def check(batch, **where):
+        return resume.check_resume_config(folder, cfg(batch), step=2, **where)
+
+    applied = check(2, num_devices=4, num_processes=1)
+    assert [(c.name, c.saved, c.new) for c in applied] == [("train_batch_size", 1, 2)]
+    refused = [
+        dict(num_devices=8, num_processes=1),  # a global batch of 16
+        dict(num_devices=4, num_processes=2),  # each process would load another share
+        {},  # a caller that does not say (torch): as before, refused
+    ]
+    for where in refused:
+        with pytest.raises(ConfigError, match=r"--train_batch_size 1 -> 2 \(the checkpoint"):
+            check(2, **where)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2}))  # no plan saved
+    with pytest.raises(ConfigError, match="--train_batch_size 1 -> 2"):
+        check(2, num_devices=4, num_processes=1)
