@@ -297,6 +297,7 @@ class Strategy(abc.ABC):
       local_batch_size: examples this process loads per micro-batch
         (`RunPlan.per_process_batch_size`).
       global_batch_size: examples per micro-batch over all processes.
+      devices: the devices the step runs on (pmap: this process's; mesh: all of the mesh's).
       platform: the devices' platform ("tpu", "gpu", "cpu"): the step is traced for it
         (`flaxdiff.models.attention.target_platform`), which may differ from this process's
         when the devices are a TPU topology compiled for ahead of time (`flaxdiff.plan`).
@@ -498,6 +499,7 @@ class MeshStrategy(Strategy):
         min_shard_size: int = MIN_SHARD_SIZE,
     ):
         devices = list(mesh.devices.flat)
+        self.devices = devices
         process = {d.process_index for d in devices}
         local = mesh.local_devices if jax.process_index() in process else devices
         super().__init__(

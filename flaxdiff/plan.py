@@ -150,6 +150,7 @@ def estimate(cfg: TrainConfig, devices: Sequence[jax.Device], *, topology: str) 
     spec = task_spec(cfg)
     components = load_components(cfg, ModelOptions.from_config(cfg), abstract=True)
     strategy = parallel.strategy_from_config(cfg, devices)
+    trainer.check_attention(cfg, strategy.devices)
     precomputed = spec.text_conditioned and cfg.prompts.pre_compute_text_embeddings
     parts = trainer.build_step(
         cfg, spec, components, strategy,

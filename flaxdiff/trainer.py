@@ -378,6 +378,23 @@ def batch_shapes(
 # --- setup ------------------------------------------------------------------------------------
 
 
+# TPU generations whose Mosaic compiler cannot build the Pallas flash kernel (bf16 matmul RHS).
+_NO_FLASH = ("TPU v2", "TPU v3")
+
+
+def check_attention(cfg: TrainConfig, devices: Sequence[jax.Device]) -> None:
+    """`--attention flash` needs a TPU that compiles the Pallas kernel (v4 and later)."""
+    if cfg.flax.attention != "flash":
+        return
+    kind = devices[0].device_kind if devices[0].platform == "tpu" else devices[0].platform
+    if devices[0].platform != "tpu" or kind in _NO_FLASH:
+        raise ConfigError(
+            f"--attention flash is the Pallas TPU kernel, which needs TPU v4 or later; these "
+            f"devices are {kind}: use --attention dot_product (cuDNN flash attention on GPU) or "
+            "einsum"
+        )
+
+
 def _compile(
     cfg: TrainConfig, strategy: parallel.Strategy, step_fn: Callable, state, batch
 ) -> tuple[Any, float]:
@@ -470,11 +487,7 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
     trackers = Trackers.from_config(cfg, is_main=group.is_main)
 
     strategy = parallel.strategy_from_config(cfg)
-    if cfg.flax.attention == "flash" and strategy.platform != "tpu":
-        raise ConfigError(
-            f"--attention flash is the Pallas TPU kernel; these devices are {strategy.platform}: "
-            "use --attention dot_product (cuDNN flash attention on GPU) or einsum"
-        )
+    check_attention(cfg, strategy.devices)
     spec = task_spec(cfg)
     components = load_components(cfg, ModelOptions.from_config(cfg))
     if spec.makes_class_images:

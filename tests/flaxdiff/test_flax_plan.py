@@ -120,3 +120,14 @@ def test_xla_refusing_a_step_for_hbm_is_read_as_out_of_memory(v3_8):
     needed, usable = memory.out_of_memory(error.value)
     assert needed >= 16 and usable < 16
     assert memory.out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes")) is None
+
+
+def test_flash_attention_is_decided_by_the_devices_compiled_for(v3_8):
+    """Mosaic builds the Pallas flash kernel for TPU v4 and later: a v4 plan may use it from
+    this CPU machine, a v3 or a CPU run is refused in one line naming the alternative."""
+    cfg = _cfg("--attention", "flash")
+    trainer.check_attention(cfg, plan.topology_devices("v4-8"))
+    for devices in (v3_8, jax.devices()):
+        with pytest.raises(ConfigError, match=r"needs TPU v4 or later.*--attention dot_product"):
+            trainer.check_attention(cfg, devices)
+    trainer.check_attention(_cfg(), v3_8)  # dot_product runs anywhere
