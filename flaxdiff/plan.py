@@ -1,6 +1,6 @@
 """`python -m flaxdiff.plan`: will a config fit a TPU, and how fast would it run, without a TPU.
 
-The real train step of a config (`flaxdiff.trainer.build_step`: the same models, objective,
+The real train step of a config (`flaxdiff.step.build_step`: the same models, objective,
 optimizer, EMA, accumulation and parallelism a run compiles) is lowered on shapes only
 (`jax.ShapeDtypeStruct`s laid out on a TPU topology's devices) and compiled by XLA for that TPU;
 libtpu does this on any Linux x86 machine (the dev install has it). No weight is read or
@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxdiff import memory, parallel, trainer
+from flaxdiff import memory, parallel, step
 from flaxdiff.components import load_components, text_length
 from flaxdiff.models.layers import ModelOptions
 from shared import cli
@@ -150,9 +150,9 @@ def estimate(cfg: TrainConfig, devices: Sequence[jax.Device], *, topology: str) 
     spec = task_spec(cfg)
     components = load_components(cfg, ModelOptions.from_config(cfg), abstract=True)
     strategy = parallel.strategy_from_config(cfg, devices)
-    trainer.check_attention(cfg, strategy.devices)
+    step.check_attention(cfg, strategy.devices)
     precomputed = spec.text_conditioned and cfg.prompts.pre_compute_text_embeddings
-    parts = trainer.build_step(
+    parts = step.build_step(
         cfg, spec, components, strategy,
         learning_rate=cfg.optim.learning_rate,
         total_steps=max(cfg.training.max_train_steps or 1, 1),
@@ -160,7 +160,7 @@ def estimate(cfg: TrainConfig, devices: Sequence[jax.Device], *, topology: str) 
     )  # fmt: skip
     accumulation = cfg.training.gradient_accumulation_steps
     length = text_length(cfg, components) if spec.text_conditioned else 0
-    shapes = trainer.batch_shapes(
+    shapes = step.batch_shapes(
         cfg, spec, components,
         rows=strategy.local_batch_size * accumulation, text_length=length, embeddings=precomputed,
     )  # fmt: skip

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxdiff import memory, parallel, plan, trainer
+from flaxdiff import memory, parallel, plan, step, trainer
 from flaxdiff.components import load_components
 from flaxdiff.models.layers import ModelOptions
 from shared import cli
@@ -47,7 +47,7 @@ def _logical_state_bytes(cfg, devices) -> int:
     spec = task_spec(cfg)
     components = load_components(cfg, ModelOptions.from_config(cfg), abstract=True)
     strategy = parallel.strategy_from_config(cfg, devices)
-    parts = trainer.build_step(cfg, spec, components, strategy, learning_rate=1e-4, total_steps=1)
+    parts = step.build_step(cfg, spec, components, strategy, learning_rate=1e-4, total_steps=1)
     state = {**parts.state, "frozen": parts.frozen}
     if strategy.name == "pmap":
         return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
@@ -126,8 +126,8 @@ def test_flash_attention_is_decided_by_the_devices_compiled_for(v3_8):
     """Mosaic builds the Pallas flash kernel for TPU v4 and later: a v4 plan may use it from
     this CPU machine, a v3 or a CPU run is refused in one line naming the alternative."""
     cfg = _cfg("--attention", "flash")
-    trainer.check_attention(cfg, plan.topology_devices("v4-8"))
+    step.check_attention(cfg, plan.topology_devices("v4-8"))
     for devices in (v3_8, jax.devices()):
         with pytest.raises(ConfigError, match=r"needs TPU v4 or later.*--attention dot_product"):
-            trainer.check_attention(cfg, devices)
-    trainer.check_attention(_cfg(), v3_8)  # dot_product runs anywhere
+            step.check_attention(cfg, devices)
+    step.check_attention(_cfg(), v3_8)  # dot_product runs anywhere
