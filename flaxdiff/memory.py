@@ -74,10 +74,31 @@ _OUT_OF_HBM = re.compile(
 )
 
 
+class OutOfMemory(Exception):
+    """XLA refused to compile a step for lack of device memory (a TPU checks at compile time)."""
+
+    def __init__(self, needed_gib: float, usable_gib: float):
+        super().__init__(f"temporaries {needed_gib:.2f} GiB > the {usable_gib:.2f} GiB XLA can use")
+        self.needed_gib, self.usable_gib = needed_gib, usable_gib
+
+
 def out_of_memory(error: BaseException) -> tuple[float, float] | None:
     """(needed, usable) GiB when `error` is XLA refusing a step that does not fit, else None."""
     found = _OUT_OF_HBM.search(str(error))
     return (float(found.group(1)), float(found.group(2))) if found else None
+
+
+def compile_step(lowered: Any) -> Any:
+    """`lowered.compile()`, with XLA's out-of-memory refusal raised as `OutOfMemory`."""
+    import jax
+
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        found = out_of_memory(error)
+        if found is None:
+            raise
+        raise OutOfMemory(*found) from None
 
 
 def _chip_share(device: Any) -> tuple[Chip, float] | None:

@@ -168,48 +168,42 @@ def estimate(cfg: TrainConfig, devices: Sequence[jax.Device], *, topology: str) 
     started = time.perf_counter()
     lowered = strategy.compile(parts.train_step).lower(*strategy.abstract_inputs(state, shapes))
     images = cfg.training.train_batch_size * accumulation * (2 if spec.prior_preservation else 1)
+    layout = {
+        "topology": topology,
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "parallelism": strategy.name,
+        "fsdp_size": cfg.flax.fsdp_size if strategy.name == "mesh" else 1,
+        "images_per_device": images,
+        "hbm_bytes": memory.device_memory_bytes(devices[0]),
+    }
     try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as error:
-        found = memory.out_of_memory(error)
-        if found is None:
-            raise
+        compiled = memory.compile_step(lowered)
+    except memory.OutOfMemory as error:
         batch = sum(
             int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize // strategy.local_device_count
             for x in jax.tree.leaves(shapes)
         )
         arguments = state_bytes_per_device(strategy, state) + batch
-        temporaries = int(found[0] * memory.GIB)
+        temporaries = int(error.needed_gib * memory.GIB)
         return Estimate(
-            topology=topology,
-            device_kind=devices[0].device_kind,
-            devices=len(devices),
-            parallelism=strategy.name,
-            fsdp_size=cfg.flax.fsdp_size if strategy.name == "mesh" else 1,
-            images_per_device=images,
+            **layout,
             arguments_bytes=arguments,
             temporaries_bytes=temporaries,
             total_bytes=arguments + temporaries,
-            hbm_bytes=memory.device_memory_bytes(devices[0]),
             flops_per_device=None,
             step_seconds=None,
             compile_seconds=time.perf_counter() - started,
-            out_of_memory=f"temporaries {found[0]:.2f} GiB > the {found[1]:.2f} GiB XLA can use",
+            out_of_memory=str(error),
         )
     seconds = time.perf_counter() - started
     need = memory.step_memory(compiled)
     cost = _cost(compiled)
     return Estimate(
-        topology=topology,
-        device_kind=devices[0].device_kind,
-        devices=len(devices),
-        parallelism=strategy.name,
-        fsdp_size=cfg.flax.fsdp_size if strategy.name == "mesh" else 1,
-        images_per_device=images,
+        **layout,
         arguments_bytes=need.arguments,
         temporaries_bytes=need.temporaries,
         total_bytes=need.total,
-        hbm_bytes=memory.device_memory_bytes(devices[0]),
         flops_per_device=float(cost.get("flops", 0.0)),
         step_seconds=float(cost["optimal_seconds"]) if cost.get("optimal_seconds") else None,
         compile_seconds=seconds,

@@ -122,14 +122,11 @@ def _compile(
     started = time.perf_counter()
     lowered = step_fn.lower(*strategy.abstract_inputs(state, batch))
     try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as error:
-        found = memory.out_of_memory(error)
-        if found is None:
-            raise
+        compiled = memory.compile_step(lowered)
+    except memory.OutOfMemory as error:
         raise ConfigError(
-            f"the train step needs {found[0]:.2f} GiB of temporaries per device, more than the "
-            f"{found[1]:.2f} GiB this {strategy.platform} has: try "
+            f"the train step needs {error.needed_gib:.2f} GiB of temporaries per device, more "
+            f"than the {error.usable_gib:.2f} GiB this {strategy.platform} has: try "
             f"{memory.fit_advice(cfg, strategy.num_devices)}"
         ) from None
     return compiled, time.perf_counter() - started
@@ -519,13 +516,14 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                     run.trackers.log(metrics, run.step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.3g}")
-                    due = events.after_update(
+                    epoch_after = run.loader.state()["epoch"]
+                    if events.after_step(
                         cfg,
+                        handlers,
                         step=run.step,
                         epoch_before=epoch_before,
-                        epoch_after=run.loader.state()["epoch"],
-                    )
-                    if events.handle(due, handlers, step=run.step):
+                        epoch_after=epoch_after,
+                    ):
                         return run.output_dir
             export_pipeline(run)
             image = validate(run, tag="final")

@@ -476,13 +476,10 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                 run.accelerator.log(logs, step=run.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.3g}")
-                due = events.after_update(
-                    cfg,
-                    step=run.step,
-                    epoch_before=epoch_before,
-                    epoch_after=run.loader.state()["epoch"],
-                )
-                if events.handle(due, handlers, step=run.step):
+                epoch_after = run.loader.state()["epoch"]
+                if events.after_step(
+                    cfg, handlers, step=run.step, epoch_before=epoch_before, epoch_after=epoch_after
+                ):
                     bar.close()
                     _end_training(run.accelerator)
                     return run.output_dir

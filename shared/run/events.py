@@ -100,3 +100,15 @@ def handle(due: Events, handlers: Handlers, *, step: int) -> bool:
         "stopped by %s at step %d; resume with --resume_from_checkpoint latest", stopped, step
     )
     return True
+
+
+def after_step(
+    cfg: TrainConfig, handlers: Handlers, *, step: int, epoch_before: int, epoch_after: int
+) -> bool:
+    """`after_update` then `handle`: what both training loops call after each update.
+
+    Returns:
+      True when a stop signal ends the run here.
+    """
+    due = after_update(cfg, step=step, epoch_before=epoch_before, epoch_after=epoch_after)
+    return handle(due, handlers, step=step)

@@ -115,10 +115,9 @@ def test_xla_refusing_a_step_for_hbm_is_read_as_out_of_memory(v3_8):
 
     x = jax.ShapeDtypeStruct((8, 1024), jnp.float32, sharding=SingleDeviceSharding(v3_8[0]))
     huge = jax.jit(lambda x: (jnp.ones((2**32,)) * x.sum()).cumsum()[-1])  # 16 GiB temporary
-    with pytest.raises(jax.errors.JaxRuntimeError) as error:
-        huge.lower(x).compile()
-    needed, usable = memory.out_of_memory(error.value)
-    assert needed >= 16 and usable < 16
+    with pytest.raises(memory.OutOfMemory) as error:
+        memory.compile_step(huge.lower(x))
+    assert error.value.needed_gib >= 16 and error.value.usable_gib < 16
     assert memory.out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes")) is None
 
 
