@@ -52,6 +52,8 @@ TOPOLOGIES = {
     "v6e-4": "v6e:2x2",
 }
 
+_MEGACORE = ("v4", "v5p")
+
 # libtpu looks for a TPU VM's metadata and a lock file at start; compiling for a topology needs
 # neither. Set only in this process (the planner never runs a TPU program).
 _OFFLINE_LIBTPU = {
@@ -75,8 +77,11 @@ def topology_devices(name: str) -> list[jax.Device]:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", name if name in TOPOLOGIES else "v3-8")
     from jax.experimental import topologies
 
+    # v4 and v5p chips run as one JAX device each (megacore), as on a real TPU VM of them.
+    options = {"chip_config_name": "megacore"} if topology.split(":")[0] in _MEGACORE else {}
     try:
-        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
+        return list(desc.devices)
     except Exception as error:  # libtpu raises RuntimeError/XlaRuntimeError with its reason
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
