@@ -67,25 +67,53 @@ def step_memory(compiled: Any) -> StepMemory:
     )
 
 
-# XLA's TPU compiler refuses a program whose temporaries exceed the HBM; its message gives both
-# in GiB ("G": HumanReadableNumBytes counts in powers of 1024).
-_OUT_OF_HBM = re.compile(
-    r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)"
+# XLA's TPU compiler refuses a program that does not fit the HBM, in one of two messages: the
+# temporaries alone exceed it, or the whole program (arguments, program, reserved) does, with a
+# breakdown. Sizes are HumanReadableNumBytes' (powers of 1024: "G" is GiB).
+_TEMPORARIES = re.compile(
+    r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"
 )
+_USED = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
+_PART = r"^\s*{}\s+([\d.]+)([KMGT])\s*$"
+_UNITS = {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 2**10}
+
+
+def _gib(value: str, unit: str) -> float:
+    return float(value) * _UNITS[unit]
 
 
 class OutOfMemory(Exception):
-    """XLA refused to compile a step for lack of device memory (a TPU checks at compile time)."""
+    """XLA refused to compile a step for lack of device memory (a TPU checks at compile time).
 
-    def __init__(self, needed_gib: float, usable_gib: float):
-        super().__init__(f"temporaries {needed_gib:.2f} GiB > the {usable_gib:.2f} GiB XLA can use")
+    Attributes:
+      needed_gib: what XLA asked for: the temporaries (`arguments_gib` None) or the whole
+        program with its arguments.
+      usable_gib: the HBM XLA could use.
+      arguments_gib, program_gib: the breakdown, when XLA gave one.
+    """
+
+    def __init__(self, needed_gib: float, usable_gib: float, *,
+                 arguments_gib: float | None = None, program_gib: float | None = None):  # fmt: skip
+        what = "temporaries" if arguments_gib is None else "arguments + program"
+        super().__init__(f"{what} {needed_gib:.2f} GiB > the {usable_gib:.2f} GiB XLA can use")
         self.needed_gib, self.usable_gib = needed_gib, usable_gib
+        self.arguments_gib, self.program_gib = arguments_gib, program_gib
 
 
-def out_of_memory(error: BaseException) -> tuple[float, float] | None:
-    """(needed, usable) GiB when `error` is XLA refusing a step that does not fit, else None."""
-    found = _OUT_OF_HBM.search(str(error))
-    return (float(found.group(1)), float(found.group(2))) if found else None
+def out_of_memory(error: BaseException) -> OutOfMemory | None:
+    """XLA's refusal of a step that does not fit, read from `error`'s message; else None."""
+    text = str(error)
+    found = _TEMPORARIES.search(text)
+    if found:
+        return OutOfMemory(_gib(*found.group(1, 2)), _gib(*found.group(3, 4)))
+    found = _USED.search(text)
+    if not found:
+        return None
+    parts = {}
+    for name in ("arguments", "program"):
+        part = re.search(_PART.format(name), text, re.MULTILINE)
+        parts[f"{name}_gib"] = _gib(*part.group(1, 2)) if part else None
+    return OutOfMemory(_gib(*found.group(1, 2)), _gib(*found.group(3, 4)), **parts)
 
 
 def compile_step(lowered: Any) -> Any:
@@ -95,10 +123,10 @@ def compile_step(lowered: Any) -> Any:
     try:
         return lowered.compile()
     except jax.errors.JaxRuntimeError as error:
-        found = out_of_memory(error)
-        if found is None:
+        refusal = out_of_memory(error)
+        if refusal is None:
             raise
-        raise OutOfMemory(*found) from None
+        raise refusal from None
 
 
 def _chip_share(device: Any) -> tuple[Chip, float] | None:

@@ -189,13 +189,19 @@ def estimate(cfg: TrainConfig, devices: Sequence[jax.Device], *, topology: str) 
             int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize // strategy.local_device_count
             for x in jax.tree.leaves(shapes)
         )
-        arguments = state_bytes_per_device(strategy, state) + batch
-        temporaries = int(error.needed_gib * memory.GIB)
+        if error.arguments_gib is None:  # XLA named the temporaries alone
+            arguments = state_bytes_per_device(strategy, state) + batch
+            temporaries = int(error.needed_gib * memory.GIB)
+            total = arguments + temporaries
+        else:
+            arguments = int(error.arguments_gib * memory.GIB)
+            temporaries = int((error.program_gib or 0.0) * memory.GIB)
+            total = int(error.needed_gib * memory.GIB)
         return Estimate(
             **layout,
             arguments_bytes=arguments,
             temporaries_bytes=temporaries,
-            total_bytes=arguments + temporaries,
+            total_bytes=total,
             flops_per_device=None,
             step_seconds=None,
             compile_seconds=time.perf_counter() - started,

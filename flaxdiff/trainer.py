@@ -125,8 +125,7 @@ def _compile(
         compiled = memory.compile_step(lowered)
     except memory.OutOfMemory as error:
         raise ConfigError(
-            f"the train step needs {error.needed_gib:.2f} GiB of temporaries per device, more "
-            f"than the {error.usable_gib:.2f} GiB this {strategy.platform} has: try "
+            f"the train step does not fit one {strategy.platform} device ({error}): try "
             f"{memory.fit_advice(cfg, strategy.num_devices)}"
         ) from None
     return compiled, time.perf_counter() - started

@@ -130,3 +130,32 @@ def test_flash_attention_is_decided_by_the_devices_compiled_for(v3_8):
         with pytest.raises(ConfigError, match=r"needs TPU v4 or later.*--attention dot_product"):
             step.check_attention(cfg, devices)
     step.check_attention(_cfg(), v3_8)  # dot_product runs anywhere
+
+
+# The other way XLA:TPU refuses a step (here SD 1.5 DreamBooth under pmap on a v3-8, abridged):
+# the whole program does not fit, with its breakdown.
+_WHOLE_PROGRAM_OOM = """RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent \
+error. Ran out of memory in memory space hbm. Used 15.57G of 15.48G hbm. Exceeded hbm capacity \
+by 86.71M.
+
+Total hbm usage >= 16.08G:
+    reserved        530.01M
+    program           5.54G
+    arguments        10.03G
+"""
+
+
+def test_both_of_xlas_out_of_memory_messages_are_read():
+    whole = memory.out_of_memory(RuntimeError(_WHOLE_PROGRAM_OOM))
+    assert (whole.needed_gib, whole.usable_gib) == (15.57, 15.48)
+    assert (whole.arguments_gib, whole.program_gib) == (10.03, 5.54)
+    assert "arguments + program 15.57 GiB > the 15.48 GiB" in str(whole)
+    temporaries = memory.out_of_memory(
+        RuntimeError(
+            "the total memory required for HLO temporaries (16.82G) exceeds available HBM (15.48G)."
+        )
+    )
+    assert (temporaries.needed_gib, temporaries.usable_gib) == (16.82, 15.48)
+    assert temporaries.arguments_gib is None and "temporaries 16.82 GiB" in str(temporaries)
+    megabytes = memory.out_of_memory(RuntimeError("Used 512.00M of 1.00G hbm"))
+    assert megabytes.needed_gib == 0.5
