@@ -57,15 +57,9 @@ from shared.run.nonfinite import NonFiniteGuard
 from shared.run.output import prepare_output_dir
 from shared.run.process import ProcessGroup
 from shared.run.signals import StopSignal
-from shared.run.task import TaskSpec, task_spec
+from shared.run.task import TaskSpec, image_channels, task_spec
 
 logger = logging.getLogger(__name__)
-
-# Flags whose torch feature has no JAX counterpart, with what to use instead.
-_REFUSED = {
-    "use_8bit_adam": "bitsandbytes is torch-only; --adam_moments_dtype bfloat16 is the flax way "
-    "to halve the optimizer's memory",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +89,12 @@ class Run:
     trackers: Trackers
     step: int = 0
     step_times: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)  # this run's, per update
     compile_seconds: float | None = None
 
     @property
     def output_dir(self) -> Path:
         return Path(self.cfg.checkpoint.output_dir)
-
-
-def _check_supported(cfg: TrainConfig) -> None:
-    for name, fix in _REFUSED.items():
-        if cfg.get(name):
-            raise ConfigError(f"--{name} has no flax counterpart: {fix}")
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -177,7 +166,6 @@ def _precomputed_prompts(cfg: TrainConfig, spec: TaskSpec) -> list[str]:
 
 def setup(cfg: TrainConfig, task: Task) -> Run:
     """Checks what can be checked, builds the model, data and state, restores a checkpoint."""
-    _check_supported(cfg)
     group = checkpoint.process_group()
     report.setup_logging(is_main=group.is_main)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
@@ -257,6 +245,7 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
         process_index=group.index,
         process_count=group.count,
         state=loader_state,
+        channels=image_channels(spec, components.unet.config.in_channels),
     )
     logger.info(
         "%s on %d device(s) (%s): %s; %d updates of %d examples (lr %g)",
@@ -513,6 +502,7 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                     )
                     metrics |= {"train/lr": lr, "train/skipped_steps": run.guard.skipped}
                     run.trackers.log(metrics, run.step)
+                    run.losses.append(metrics["train/loss"])
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.3g}")
                     epoch_after = run.loader.state()["epoch"]
@@ -534,6 +524,7 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                 peak_memory_bytes=report.peak_rss_bytes(),
                 device=f"{jax.devices()[0].platform} x{run.strategy.num_devices}",
                 skipped_steps=run.guard.skipped,
+                losses=run.losses,
                 extra={
                     "parallelism": run.strategy.name,
                     "compile_seconds": run.compile_seconds,

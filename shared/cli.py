@@ -150,6 +150,16 @@ def load_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[st
     bases = raw.get("base_config") or []
     for base in [bases] if isinstance(bases, str) else bases:
         values.update(load_yaml(base, (*_chain, path)))
+    values.update(flatten(raw, str(path)))
+    return values
+
+
+def flatten(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Flat typed values of a config mapping, nested by section as the YAML files are
+    (``{"optim": {"learning_rate": 1e-4}}``) or flat (``{"learning_rate": 1e-4}``); the
+    ``base_config`` key is left to `load_yaml`, ``task``/``backend`` are kept as given."""
+    values: dict[str, Any] = {}
+    path = source
     for key, value in raw.items():
         if key == "base_config":
             continue
@@ -268,11 +278,16 @@ def load_saved_config(path: str | os.PathLike) -> TrainConfig:
     return C.build(task, backend, values)
 
 
-def format_help(task: str, backend: str) -> str:
-    """The --help text: every flag that applies to `task` on `backend`, with its default."""
+def format_help(task: str, backend: str | None) -> str:
+    """The --help text: every flag that applies to `task`, with its default; on one `backend`,
+    or (None, the launcher's ``twindiff TASK --help``) on both, each flag marked with the
+    backends that read it."""
     defaults = C.defaults_for(task)
+    command = (
+        f"python -m {backend}diff.{task}" if backend else f"twindiff {task} --backend flax|torch"
+    )
     lines = [
-        f"usage: python -m {backend}diff.{task} [--config FILE.yaml] [--flag value ...]",
+        f"usage: {command} [--config FILE.yaml] [--flag value ...]",
         "",
         "Flags are those of the diffusers training scripts. --config reads a YAML file "
         "(see configs/); flags override it.",
@@ -281,9 +296,12 @@ def format_help(task: str, backend: str) -> str:
         rows = []
         for f in cls.__dataclass_fields__.values():
             tasks, only = f.metadata["tasks"], f.metadata["backend"]
-            if (tasks and task not in tasks) or (only and only != backend):
+            if (tasks and task not in tasks) or (backend and only and only != backend):
                 continue
-            rows.append(f"  --{f.name:<44} {f.metadata['help']} (default: {defaults[f.name]!r})")
+            where = "" if backend else f" [{only or 'flax, torch'}]"
+            rows.append(
+                f"  --{f.name:<44} {f.metadata['help']} (default: {defaults[f.name]!r}){where}"
+            )
         if rows:
             lines += ["", f"{component}:", *rows]
     return "\n".join(lines)

@@ -54,6 +54,8 @@ def validate(cfg: TrainConfig) -> None:
 
 
 _BACKEND_HINTS = {
+    "use_8bit_adam": "bitsandbytes is torch-only; --adam_moments_dtype bfloat16 is the flax way "
+    "to halve the optimizer's memory",
     "enable_xformers_memory_efficient_attention": "flax uses a fused attention kernel; see --attention",
     "allow_tf32": "XLA picks matmul precision on TPU/GPU; remove it for the flax backend",
     "set_grads_to_none": "flax has no gradient buffers to reset; remove it",

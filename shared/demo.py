@@ -328,7 +328,7 @@ def write_captioned_folder(directory: str | os.PathLike, *, n: int = 8, size: in
     return metadata
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits: images float (N, 8, 8) in [0, 16] and int labels (N,).
 
     Reads the CSV that ``sklearn.datasets.load_digits`` reads without importing scikit-learn,
@@ -348,8 +348,24 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return digits.images, digits.target
 
 
+def upscale_digits(images: np.ndarray, size: int) -> np.ndarray:
+    """8x8 digits in [0, 16] -> uint8 (N, size, size) grey, as the digits folders store them
+    (rounded to 8 bits, then bilinear upscaling)."""
+    pixels = np.round(np.asarray(images) * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BILINEAR))
+            for p in pixels
+        ]
+    )
+
+
 def write_digits_folder(
-    directory: str | os.PathLike, *, size: int = 32, limit: int | None = None
+    directory: str | os.PathLike,
+    *,
+    size: int = 32,
+    limit: int | None = None,
+    indices: Any = None,
 ) -> Path:
     """scikit-learn's 8x8 digits as grey PNGs in ``train/<label>/<index>.png``, upscaled to `size`.
 
@@ -358,19 +374,21 @@ def write_digits_folder(
       size: output side in pixels (bilinear upscaling of the 8x8 digit).
       limit: keep the first `limit` digits (the set cycles through the labels 0-9, so the first
         ten already cover every class); None keeps all 1797.
+      indices: which digits to write (e.g. a training split); overrides `limit`.
 
     Returns:
       The ``train`` folder.
     """
-    images, labels = _load_digits()
-    count = len(labels) if limit is None else min(limit, len(labels))
+    images, labels = load_digits()
+    if indices is None:
+        indices = range(len(labels) if limit is None else min(limit, len(labels)))
+    indices = np.asarray(list(indices), dtype=np.int64)
     train = Path(directory) / "train"
-    for label in sorted(set(labels[:count].tolist())):
+    for label in sorted(set(labels[indices].tolist())):
         (train / str(label)).mkdir(parents=True, exist_ok=True)
-    pixels = np.round(images[:count] * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
-    for i in range(count):
-        image = Image.fromarray(pixels[i]).resize((size, size), Image.Resampling.BILINEAR)
-        image.save(train / str(int(labels[i])) / f"{i:04d}.png", format="PNG")
+    pixels = upscale_digits(images[indices], size)
+    for i, image in zip(indices, pixels, strict=True):
+        Image.fromarray(image).save(train / str(int(labels[i])) / f"{i:04d}.png", format="PNG")
     return train
 
 

@@ -1,19 +1,29 @@
 """`twindiff`: one command for both backends.
 
-    twindiff demo [--backend flax|torch] [--assets DIR] [flags...]   the offline demo
-    twindiff TASK --backend flax|torch [flags...]     = python -m {backend}diff.{task} [flags...]
-    twindiff config TASK [--backend B] [flags...]     print the resolved config as YAML
+    twindiff demo [--backend flax|torch] [flags...]        digits: train, sample, score (quick start)
+    twindiff demo dreambooth [--backend B] [flags...]      DreamBooth on the tiny model, offline
+    twindiff TASK [--backend flax|torch] [--config F.yaml] [flags...]
+                                     train TASK (unconditional, text2image, dreambooth) on a backend
+    twindiff TASK --help                                   every flag, its default and its backends
+    twindiff bench [--preset tiny|ddpm-128|sd15] [...]     time one config on both backends
+    twindiff config TASK [--backend B] [flags...]          print the resolved config as YAML
 
-The launcher is one of the two places (with the parity tests) that know both backends; it reaches
-them by module name only, so `shared` still imports neither.
+The backend comes from --backend, else the config file's `backend:`, else the first installed
+(flax, then torch). With --num_processes N (N > 1), torch re-runs under `accelerate launch`.
+The launcher is one of the places (with `shared.api` and the parity tests) that know both backends;
+it reaches them by module name only, so `shared` still imports neither.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
+import os
 import runpy
+import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,7 +111,7 @@ def _print_training_report(report: dict) -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     images = sorted((out / "validation").glob("*.png"))
     lines = [
-        f"twindiff demo: trained with {report['trained_with']}",
+        f"twindiff demo dreambooth: trained with {report['trained_with']}",
         f"  model     {out} (diffusers format: DiffusionPipeline.from_pretrained({str(out)!r}))",
         *(f"  images    {path}" for path in images[-2:]),
     ]
@@ -113,8 +123,51 @@ def _print_training_report(report: dict) -> None:
     print("\n".join(lines))
 
 
+def config_backend(args: Sequence[str]) -> str | None:
+    """The `backend:` of the --config files among `args`, the last one that names one."""
+    configs, _ = cli.parse_cli(args)
+    backend = None
+    for path in configs:
+        backend = cli.load_yaml(path).get("backend", backend)
+    return backend
+
+
+def launch_processes(task: str, backend: str, processes: int, args: list[str]) -> int:
+    """`accelerate launch --num_processes N -m torchdiff.TASK args` (gloo on a CPU machine)."""
+    if backend != "torch":
+        raise ConfigError(
+            "--num_processes is for --backend torch; flaxdiff runs one process per host and "
+            "uses every local device (see tpu/README.md for several hosts)"
+        )
+    check_backend_installed(backend)
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    command = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", f"torchdiff.{task}", *args,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    torch = importlib.import_module("torch")  # by name: shared imports no framework itself
+    if torch.cuda.device_count() < processes:
+        env["ACCELERATE_USE_CPU"] = "1"  # several CPU processes over gloo
+    return subprocess.call(command, env=env)
+
+
 def run_demo(args: list[str]) -> dict:
-    """The offline demo: build the assets, then train DreamBooth on the tiny model."""
+    """The offline demos: the digits quick start (default), or `dreambooth`."""
+    if args and args[0] == "dreambooth":
+        return run_dreambooth_demo(args[1:])
+    from shared import quickstart
+
+    backend = _pop_option(args, "backend", None) or default_demo_backend()
+    if backend not in C.BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
+    check_backend_installed(backend)
+    return quickstart.run(backend, args)
+
+
+def run_dreambooth_demo(args: list[str]) -> dict:
+    """Builds the assets, then trains DreamBooth on the tiny model."""
     from shared.demo import build_demo_assets
 
     backend = _pop_option(args, "backend", None) or default_demo_backend()
@@ -149,14 +202,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             task, flags = rest[0], rest[1:]
             backend = _pop_option(flags, "backend", "flax")
             print(cli.to_yaml(cli.parse_args(flags, task=task, backend=backend)), end="")
+        elif command == "bench":
+            return importlib.import_module("shared.bench").main(rest)
         elif command in C.TASKS:
             backend = _pop_option(rest, "backend", None)
-            if backend is None:
-                raise ConfigError(f"twindiff {command} needs --backend flax or --backend torch")
+            if "-h" in rest or "--help" in rest:
+                print(cli.format_help(command, backend))
+                return 0
+            backend = backend or config_backend(rest) or default_demo_backend()
+            processes = int(_pop_option(rest, "num_processes", "1"))
+            if processes > 1:
+                return launch_processes(command, backend, processes, rest)
             run_task(command, backend, rest)
         else:
             raise ConfigError(
-                f"unknown command {command!r}; commands: demo, config, {', '.join(C.TASKS)}"
+                f"unknown command {command!r}; commands: demo, bench, config, {', '.join(C.TASKS)}"
             )
     except ConfigError as err:
         print(f"twindiff: error: {err}", file=sys.stderr)

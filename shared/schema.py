@@ -199,7 +199,7 @@ class OptimConfig:
     lr_warmup_steps: int = flag(500, "warmup steps, counted in optimizer updates")
     lr_num_cycles: int = flag(1, "hard restarts of cosine_with_restarts")
     lr_power: float = flag(1.0, "power of the polynomial schedule")
-    use_8bit_adam: bool = flag(False, "8-bit AdamW states (bitsandbytes on torch)")
+    use_8bit_adam: bool = flag(False, "8-bit AdamW states (bitsandbytes)", backend="torch")
     adam_beta1: float = flag(0.9, "AdamW beta1")
     adam_beta2: float = flag(0.999, "AdamW beta2")
     adam_weight_decay: float = flag(1e-2, "AdamW weight decay")

@@ -17,3 +17,11 @@ def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_fallback_notice)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def train(cfg, **overrides):
+    """Trains a `twindiff.config(...)` with PyTorch in this process; returns a
+    `twindiff.TrainResult` (output folder, summary, loss curve). `overrides` are flag values."""
+    from shared import api
+
+    return api.train(cfg, backend="torch", **overrides)

@@ -110,7 +110,8 @@ def _unchecked_source(cfg: TrainConfig) -> Source:
     return source
 
 
-def build_transform(cfg: TrainConfig) -> ImageTransform:
+def build_transform(cfg: TrainConfig, *, channels: int = 3) -> ImageTransform:
+    """`cfg`'s image pipeline; `channels` 1 gives grey images for a one-channel pixel UNet."""
     data = cfg.data
     return ImageTransform(
         data.resolution,
@@ -118,6 +119,7 @@ def build_transform(cfg: TrainConfig) -> ImageTransform:
         random_flip=data.random_flip,
         interpolation=data.image_interpolation_mode,
         preserve_input_precision=data.preserve_input_precision,
+        channels=channels,
     )
 
 
@@ -131,6 +133,7 @@ def build_loader(
     collate_text: Callable[[list[str]], Mapping[str, np.ndarray]] | None = None,
     state: Mapping[str, int] | None = None,
     train: bool = True,
+    channels: int = 3,
     **loader_kwargs: Any,
 ) -> Loader:
     """The loader of `source` with `cfg`'s transform, seed, workers and bad-image limit.
@@ -141,11 +144,12 @@ def build_loader(
       collate_text: e.g. a tokenizer turning the batch's captions into ``input_ids``.
       state: a loader position saved in a checkpoint, to resume from.
       train: shuffle and random captions; False gives dataset order and first captions.
+      channels: image channels, 3 (RGB) or 1 (grey; see `pixel_channels`).
     """
     return Loader(
         source,
         batch_size=batch_size,
-        transform=build_transform(cfg),
+        transform=build_transform(cfg, channels=channels),
         seed=cfg.seed,
         process_index=process_index,
         process_count=process_count,

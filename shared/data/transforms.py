@@ -274,6 +274,8 @@ def _resize_float(x: np.ndarray, size: int, interpolation: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # PIL's "L" weights (ITU-R 601-2)
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageTransform:
@@ -285,6 +287,8 @@ class ImageTransform:
       random_flip: horizontal flip with p=0.5 (diffusers ``--random_flip``).
       interpolation: a name of `INTERPOLATION_MODES` (``--image_interpolation_mode``).
       preserve_input_precision: output float32 in [0, 1] keeping 16-bit precision.
+      channels: 3 (RGB) or 1 (grey, ITU-R 601-2 luma as PIL's ``convert("L")``), for a
+        pixel-space UNet whose ``in_channels`` is 1.
 
     Randomness is drawn from the generator passed to `__call__` in a fixed order: crop top, crop
     left (random crop only), then the flip (random_flip only).
@@ -295,16 +299,19 @@ class ImageTransform:
     random_flip: bool = dataclasses.field(default=False, kw_only=True)
     interpolation: str = dataclasses.field(default="bilinear", kw_only=True)
     preserve_input_precision: bool = dataclasses.field(default=False, kw_only=True)
+    channels: int = dataclasses.field(default=3, kw_only=True)
 
     def __post_init__(self):
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int):
             raise TypeError(f"resolution must be an int, got {self.resolution!r}")
         if self.resolution <= 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels!r}")
         interpolation_filter(self.interpolation)  # fail at construction, not in a worker
 
     def __call__(self, ref: ImageRef, rng: np.random.Generator) -> np.ndarray:
-        """Returns uint8 (R, R, 3), or float32 (R, R, 3) in [0, 1] with preserve_input_precision.
+        """Returns uint8 (R, R, C), or float32 (R, R, C) in [0, 1] with preserve_input_precision.
 
         Raises:
           BadImageError: the image cannot be decoded.
@@ -313,11 +320,17 @@ class ImageTransform:
         if self.preserve_input_precision:
             x = load_image_float(ref)
             self._warn_if_small(ref, x.shape[1], x.shape[0])
+            if self.channels == 1:
+                x = (x @ _LUMA)[:, :, None]
             x = np.clip(_resize_float(x, size, self.interpolation), 0.0, 1.0)
         else:
             img = load_image(ref)
             self._warn_if_small(ref, img.width, img.height)
+            if self.channels == 1:
+                img = img.convert("L")
             x = np.asarray(resize_shorter_side(img, size, self.interpolation))
+            if x.ndim == 2:
+                x = x[:, :, None]
         x = center_crop(x, size) if self.center_crop else random_crop(x, size, rng)
         if self.random_flip:
             x = maybe_flip(x, rng)

@@ -103,6 +103,7 @@ def write_summary(
     peak_memory_bytes: int | None,
     device: str,
     skipped_steps: int = 0,
+    losses: Sequence[float] = (),
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Writes `train_summary.json`: steps, the mean step time (the first step, with its warm-up
@@ -113,6 +114,8 @@ def write_summary(
       step_times: seconds of each update of this process's run (checkpoints etc. excluded).
       peak_memory_bytes: the backend's peak memory figure (device memory on accelerators, the
         process's peak RSS on a CPU).
+      losses: the training loss of each update of this run, in order (the loss curve that
+        `twindiff.train` returns; the first is that of update ``steps - len(losses) + 1``).
     """
     timed = list(step_times[1:] or step_times)
     summary = {
@@ -124,6 +127,7 @@ def write_summary(
         "device": device,
         "skipped_steps": skipped_steps,
         **(extra or {}),
+        "losses": [float(x) for x in losses],
     }
     path = Path(output_dir) / SUMMARY
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")

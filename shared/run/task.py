@@ -48,6 +48,23 @@ class TaskSpec:
     save_text_encoder: bool
 
 
+def image_channels(spec: TaskSpec, unet_in_channels: int) -> int:
+    """The channels the data pipeline gives a task: RGB for the VAE; a pixel UNet's own
+    ``in_channels`` (1 for grey images, 3 for RGB).
+
+    Raises:
+      ConfigError: a pixel-space UNet with another channel count (no image has it).
+    """
+    if spec.latent:
+        return 3
+    if unet_in_channels not in (1, 3):
+        raise ConfigError(
+            f"the UNet takes {unet_in_channels} input channels; a pixel-space model needs 1 "
+            "(grey images) or 3 (RGB): set in_channels/out_channels in --unet_config"
+        )
+    return unet_in_channels
+
+
 def task_spec(cfg: TrainConfig) -> TaskSpec:
     """The `TaskSpec` of `cfg`'s task with `cfg`'s options."""
     dreambooth = cfg.task == "dreambooth"

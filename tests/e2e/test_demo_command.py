@@ -1,4 +1,5 @@
-"""The README's first quick-start command, `twindiff demo`, through its real console entry point."""
+"""The README's first quick-start command, `twindiff demo`, and the launcher, through the real
+console entry point."""
 
 import shutil
 import subprocess
@@ -33,9 +34,9 @@ def _loads_and_samples(out: Path) -> None:
 
 @pytest.mark.parametrize("backend", ["flax", "torch"])
 def test_demo_trains_offline_and_writes_a_loadable_pipeline(tmp_path, backend):
-    """The README's command (flax by default, torch with --backend torch): DreamBooth with prior
-    preservation on the tiny model, then diffusers (PyTorch) loads the result and samples."""
-    args = ("demo",) if backend == "flax" else ("demo", "--backend", "torch")
+    """`twindiff demo dreambooth` (flax by default, torch with --backend torch): DreamBooth with
+    prior preservation on the tiny model, then diffusers (PyTorch) loads the result and samples."""
+    args = ("demo", "dreambooth", *(("--backend", "torch") if backend == "torch" else ()))
     result = twindiff(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "twindiff-demo"
@@ -59,7 +60,8 @@ def test_demo_trains_offline_and_writes_a_loadable_pipeline(tmp_path, backend):
 def test_demo_reuses_assets_given_with_assets(tmp_path):
     assets = tmp_path / "shared-assets"
     result = twindiff(
-        "demo", "--backend", "torch", "--assets", str(assets), "--max_train_steps", "1",
+        "demo", "dreambooth", "--backend", "torch", "--assets", str(assets),
+        "--max_train_steps", "1",
         "--validation_steps", "100", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,8 +69,10 @@ def test_demo_reuses_assets_given_with_assets(tmp_path):
 
 
 def test_launcher_errors_are_clear(tmp_path):
-    result = twindiff("text2image", cwd=tmp_path)
-    assert result.returncode == 2 and "needs --backend flax or --backend torch" in result.stderr
+    result = twindiff("text2image", "--backend", "torch", cwd=tmp_path)
+    assert result.returncode == 2 and "text2image needs data" in result.stderr
+    result = twindiff("unconditional", "--backend", "flax", "--num_processes", "2", cwd=tmp_path)
+    assert result.returncode == 2 and "--num_processes is for --backend torch" in result.stderr
     result = twindiff("train", cwd=tmp_path)
     assert result.returncode == 2 and "unknown command 'train'" in result.stderr
     result = twindiff("demo", "--lerning_rate", "1", cwd=tmp_path)

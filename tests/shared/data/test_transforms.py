@@ -285,6 +285,24 @@ def test_pipeline_matches_hand_steps():
     assert np.array_equal(centred, resized[:, 1:7])  # round(2 / 2) = 1
 
 
+def test_one_channel_gives_pils_grey_after_the_same_crop_and_flip():
+    img = noise_image((13, 9))
+    data = ImageRef("n.png", data=encode(img))
+    rgb_out = ImageTransform(6, random_flip=True)(data, np.random.default_rng(5))
+    grey_out = ImageTransform(6, random_flip=True, channels=1)(data, np.random.default_rng(5))
+    assert grey_out.shape == (6, 6, 1) and grey_out.dtype == np.uint8
+    # Same draws, same geometry: the grey image is the luma of the resized RGB one, to rounding
+    # (PIL converts before resizing here, after in the RGB path).
+    luma = rgb_out.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(grey_out[..., 0] - luma).max() <= 2.0
+    precise = ImageTransform(6, random_flip=True, channels=1, preserve_input_precision=True)
+    out = precise(data, np.random.default_rng(5))
+    assert out.shape == (6, 6, 1) and out.dtype == np.float32
+    assert np.abs(out[..., 0] * 255 - luma).max() <= 2.0
+    with pytest.raises(ValueError, match="channels must be 1"):
+        ImageTransform(6, channels=4)
+
+
 def test_upscale_warns_once_naming_the_first_image(caplog, fresh_warnings):
     t = ImageTransform(32)
     small = [ImageRef(f"small{i}.png", data=encode(noise_image((20, 16)))) for i in range(3)]
