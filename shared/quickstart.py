@@ -22,6 +22,10 @@ from shared.demo import write_digits_folder
 
 CONFIG = "digits.yaml"
 SAMPLES = 256  # scored; the grid shows the first 64
+# The samples are drawn as the run's validation images are: DDPM with --ddpm_num_inference_steps
+# (50 in digits.yaml). On these small models DDPM's 50 steps score as well as its 1000 (Fréchet
+# distance 14-21 against 19) in 1/20 of the time, and better than the deterministic samplers
+# (DPM-Solver++: 33 at 50 steps; DDIM: 238 at 250), whose sampling leaves noise in some digits.
 DATA_MARKER = ".twindiff-digits.json"
 
 
@@ -38,9 +42,10 @@ def digits_data(root: Path, *, size: int) -> Path:
 
 
 def save_samples(images: np.ndarray, path: Path, *, shown: int = 64, zoom: int = 4) -> Path:
-    """The first `shown` images as a square grid, enlarged `zoom` times (nearest) to be seen."""
+    """The first `shown` images as a square grid with grey gaps, enlarged `zoom` times."""
     rows = int(np.sqrt(shown))
-    grid = grids.make_grid(grids.to_uint8(images[: rows * rows]), rows=rows)
+    framed = np.pad(images[: rows * rows], ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=0.3)
+    grid = grids.make_grid(grids.to_uint8(framed), rows=rows)
     big = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
     big = big.resize((big.width * zoom, big.height * zoom), Image.Resampling.NEAREST)
     big.save(path, format="PNG")
@@ -82,6 +87,7 @@ def run(backend: str, flags: Sequence[str]) -> dict[str, Any]:
         "sample_seconds": sampled - trained,
         "total_seconds": time.perf_counter() - started,
         "classifier_accuracy": scorer.accuracy,
+        "sampling_steps": cfg.validation.ddpm_num_inference_steps,
     }
     quality.write_report(result.output_dir / "quality.json", scores, report)
     _print(report, scores)
@@ -93,7 +99,8 @@ def _print(report: dict[str, Any], scores: dict[str, quality.DigitScore]) -> Non
     lines = [
         f"twindiff demo: a DDPM trained on handwritten digits with {report['backend']}diff",
         f"  model     {report['output_dir']} (diffusers format: DDPMPipeline.from_pretrained)",
-        f"  samples   {report['samples']} (64 of the {SAMPLES} scored)",
+        f"  samples   {report['samples']} (64 of the {SAMPLES} scored; "
+        f"{report['sampling_steps']} DDPM steps)",
         f"  time      {report['total_seconds']:.0f} s: training {report['train_seconds']:.0f} s"
         + (f" ({report['steps']} steps, {step:.2f} s/step)" if step else "")
         + f", sampling {report['sample_seconds']:.0f} s",

@@ -92,7 +92,7 @@ def test_digits_demo_trains_samples_and_scores(tmp_path, backend):
         assert score["images"] == 256 and np.isfinite(score["frechet"])
     assert scores["real held-out digits"]["frechet"] < scores["uniform noise"]["frechet"]
     grid = np.asarray(Image.open(out / "samples.png"))
-    assert grid.shape == (8 * 16 * 4, 8 * 16 * 4)  # 64 grey digits, 4x enlarged
+    assert grid.shape == (8 * 18 * 4, 8 * 18 * 4)  # 64 grey digits, 1 px frames, 4x
     assert f"trained on handwritten digits with {backend}diff" in result.stdout
     assert "real held-out digits" in result.stdout
     # The training data leaves the held-out digits out.
