@@ -13,19 +13,80 @@ F32_REL = 1e-4
 
 
 def max_error(actual, reference) -> tuple[float, float]:
-    """(max |actual - reference|, the bound scale max(1, max |reference|))."""
+    """(max |actual - reference|, max |reference|): the error and the scale a relative bound uses."""
     actual = np.asarray(actual, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     assert actual.shape == reference.shape, f"shape {actual.shape} != reference {reference.shape}"
-    return float(np.abs(actual - reference).max()), max(1.0, float(np.abs(reference).max()))
+    return float(np.abs(actual - reference).max()), float(np.abs(reference).max())
+
+
+def relative_error(actual, reference, *, what: str) -> float:
+    """max |actual - reference| / max |reference|, the reference being the tensor checked.
+
+    An all-zero reference is refused: no relative bound holds or fails there, and a tensor that
+    is zero in exact arithmetic is rounding noise on both sides (see `assert_grads_parity`).
+    """
+    error, scale = max_error(actual, reference)
+    assert scale > 0, f"{what}: the reference is all zeros, a relative bound means nothing there"
+    return error / scale
 
 
 def assert_parity(actual, reference, *, rel: float, what: str) -> float:
-    """Asserts max |actual - reference| <= rel * max(1, max |reference|); returns the error."""
-    error, scale = max_error(actual, reference)
-    assert error <= rel * scale, f"{what}: max abs error {error:.3e} > {rel:g} x {scale:.3g}"
-    print(f"parity {what}: max abs error {error:.3e} (scale {scale:.3g})")
+    """Asserts max |actual - reference| <= rel * max |reference|; returns the relative error."""
+    error = relative_error(actual, reference, what=what)
+    assert error <= rel, f"{what}: relative error {error:.3e} > {rel:g}"
+    print(f"parity {what}: relative error {error:.3e}")
     return error
+
+
+# Gradients that are zero in exact arithmetic, each with the gradient that bounds its rounding.
+# Attention adds q . b_k to every logit of a query alike and softmax ignores a shift, so
+# d loss / d b_k = sum over keys of d loss / d k = 0; both sides compute only the rounding noise of
+# that sum. The key weight's gradient is the same per-key d loss / d k summed, each weighted by a
+# normalized input of size ~1: the scale of the sum whose rounding the noise is.
+ZERO_GRADIENT_BOUNDS = {"k_proj.bias": "k_proj.weight", "to_k.bias": "to_k.weight"}
+
+
+def gradient_scale(key: str, reference: dict) -> tuple[float, str]:
+    """(scale, name of the tensor it comes from) that bounds the error of gradient `key`.
+
+    The gradient's own max |.|, except for `ZERO_GRADIENT_BOUNDS`: there the companion weight's.
+    """
+    for suffix, companion in ZERO_GRADIENT_BOUNDS.items():
+        if key.endswith(suffix):
+            bound_key = key[: -len(suffix)] + companion
+            return float(np.abs(np.asarray(reference[bound_key], np.float64)).max()), bound_key
+    return float(np.abs(np.asarray(reference[key], np.float64)).max()), key
+
+
+def assert_grads_parity(actual: dict, reference: dict, *, rel: float, what: str) -> float:
+    """Every gradient within rel x its own max |reference|, each tensor on its own; returns and
+    prints the worst relative error.
+
+    A gradient that is zero in exact arithmetic (`ZERO_GRADIENT_BOUNDS`) has no scale of its own:
+    its error and both sides' values are bounded by rel x its companion's scale instead, which
+    also checks that it is the rounding noise it should be.
+    """
+    assert sorted(actual) == sorted(reference), "the two sides have different parameters"
+    worst, worst_zero = (0.0, ""), (0.0, "")
+    for key, ref in reference.items():
+        error, _ = max_error(actual[key], ref)
+        scale, bound_key = gradient_scale(key, reference)
+        assert scale > 0, f"{what} d/d{bound_key}: the reference is all zeros"
+        assert error <= rel * scale, (
+            f"{what} d/d{key}: max abs error {error:.3e} > {rel:g} x {scale:.3g} ({bound_key})"
+        )
+        if bound_key != key:
+            noise = max(float(np.abs(np.asarray(a, np.float64)).max()) for a in (actual[key], ref))
+            assert noise <= rel * scale, f"{what} d/d{key} = {noise:.3e} is not rounding noise"
+            worst_zero = max(worst_zero, (noise / scale, key))
+        worst = max(worst, (error / scale, key))
+    print(f"parity {what}: worst of {len(reference)} param grads: relative error "
+          f"{worst[0]:.3e} ({worst[1]})")  # fmt: skip
+    if worst_zero[1]:
+        print(f"parity {what}: zero-in-exact-arithmetic grads: max |value| {worst_zero[0]:.3e} "
+              f"x the companion's scale ({worst_zero[1]})")  # fmt: skip
+    return worst[0]
 
 
 def nchw_to_nhwc(array):

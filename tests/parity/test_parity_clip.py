@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from parity_helpers import F32_REL, F64_REL, assert_parity, max_error
+from parity_helpers import F32_REL, F64_REL, assert_grads_parity, assert_parity
 from safetensors.numpy import save_file
 
 from flaxdiff.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -160,20 +160,6 @@ def torch_grads(model: transformers.CLIPTextModel, ids, mask, weights, pooled_we
     loss.backward()
     grads = {f"text_model.{name}": p.grad.numpy() for name, p in model.named_parameters()}
     return float(loss.detach()), grads
-
-
-def assert_grads_parity(actual: dict, reference: dict, *, rel: float, what: str) -> None:
-    """Every parameter's gradient within rel x max(1, max |its reference|); prints the worst."""
-    assert sorted(actual) == sorted(reference)
-    worst = (0.0, "", 1.0)
-    for key, ref in reference.items():
-        error, scale = max_error(actual[key], ref)
-        assert error <= rel * scale, (
-            f"{what} {key}: max abs error {error:.3e} > {rel:g} x {scale:.3g}"
-        )
-        worst = max(worst, (error / scale, key, scale))
-    print(f"parity {what}: worst param grad {worst[1]}: max abs error {worst[0] * worst[2]:.3e} "
-          f"(scale {worst[2]:.3g}) over {len(reference)} params")  # fmt: skip
 
 
 def assert_outputs_parity(out, ref, *, rel: float, what: str) -> None:

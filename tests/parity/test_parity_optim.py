@@ -1,18 +1,22 @@
 """flaxdiff.optim vs torchdiff.optim in float64: clipped AdamW with a warmup + cosine schedule, a
-skipped non-finite update, and diffusers' EMAModel, one update at a time."""
+skipped non-finite update, and diffusers' EMAModel, one update at a time; and every
+`--lr_scheduler` choice with warmup, update by update, against diffusers' `get_scheduler` and the
+numpy reference `shared.run.lr`."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from parity_helpers import max_error  # noqa: E402
+from parity_helpers import assert_parity  # noqa: E402
 
 from flaxdiff import optim as flax_optim  # noqa: E402
-from shared.config import build  # noqa: E402
+from shared.config import LR_SCHEDULERS, build  # noqa: E402
+from shared.run import lr as lr_ref  # noqa: E402
 from torchdiff import optim as torch_optim  # noqa: E402
 
 # The two sides differ only in operation order (torch decays the weights before the Adam step,
@@ -26,13 +30,8 @@ GRAD_SCALES = (3.0, 0.2, None, 2.0, 0.5, 4.0)
 
 
 def assert_close(actual, reference, *, what: str) -> float:
-    """max |actual - reference| <= REL * max |reference|: relative to the tensor's own size (the
-    moments are far below 1, where parity_helpers' max(1, .) scale would hide an error)."""
-    error, _ = max_error(actual, reference)
-    scale = float(np.abs(np.asarray(reference)).max())
-    assert error <= REL * scale, f"{what}: max abs error {error:.3e} > {REL:g} x {scale:.3g}"
-    print(f"parity {what}: max relative error {error / scale:.3e}")
-    return error / scale
+    """max |actual - reference| <= REL * max |reference|; returns the relative error."""
+    return assert_parity(actual, reference, rel=REL, what=what)
 
 
 def configs(**ema):
@@ -151,3 +150,130 @@ def test_adamw_schedule_and_ema_match_torch(x64, ema):
         state = optimizer.state[p]
         assert_close(opt_state[1].mu[name], state["exp_avg"].numpy(), what=f"m {name}")
         assert_close(opt_state[1].nu[name], state["exp_avg_sq"].numpy(), what=f"v {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules: the LR of every update, all four ways
+
+SCHEDULE_TOTAL, SCHEDULE_WARMUP = 30, 5
+# The flags each schedule reads beyond the warmup: 3 restarts in 25 decay updates land the restarts
+# between updates; power 2 makes the polynomial curve, not a line.
+SCHEDULE_FLAGS = {"cosine_with_restarts": {"lr_num_cycles": 3}, "polynomial": {"lr_power": 2.0}}
+
+
+def schedule_configs(name: str):
+    """torch and flax configs of `name` with warmup; no weight decay, so an update is -lr * Adam."""
+    values = {
+        "dataset_name": "tiny",
+        "pretrained_model_name_or_path": "tiny",
+        "lr_scheduler": name,
+        "lr_warmup_steps": SCHEDULE_WARMUP,
+        "adam_weight_decay": 0.0,
+        **SCHEDULE_FLAGS.get(name, {}),
+    }
+    return build("text2image", "torch", values), build("text2image", "flax", values)
+
+
+def diffusers_lrs(name: str, optim_cfg) -> np.ndarray:
+    """`param_groups[0]["lr"]` before each update of an SGD scheduled by diffusers' get_scheduler."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    scheduler = get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=optim_cfg.lr_warmup_steps,
+        num_training_steps=SCHEDULE_TOTAL,
+        num_cycles=optim_cfg.lr_num_cycles,
+        power=optim_cfg.lr_power,
+    )
+    lrs = []
+    for _ in range(SCHEDULE_TOTAL):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradient: a no-op that keeps torch's call-order check quiet
+        scheduler.step()
+    return np.array(lrs)
+
+
+def torchdiff_lrs(torch_cfg) -> np.ndarray:
+    """The LR torchdiff's AdamW applies at each update (its param group's, set by the scheduler)."""
+    weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    optimizer = torch_optim.build_optimizer([weight], torch_cfg, learning_rate=LR)
+    scheduler = torch_optim.build_lr_scheduler(optimizer, torch_cfg, max_train_steps=SCHEDULE_TOTAL)
+    lrs = []
+    for _ in range(SCHEDULE_TOTAL):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        weight.grad = torch.full_like(weight, 0.5)
+        optimizer.step()
+        scheduler.step()
+    return np.array(lrs)
+
+
+def flaxdiff_applied_lrs(flax_cfg) -> np.ndarray:
+    """The LR flaxdiff's optimizer applies at each update, read back from the update itself.
+
+    A constant gradient g = 0.5 (below max_grad_norm: no clipping) makes Adam's bias-corrected
+    moments g and g^2 at every update, so without weight decay the update is exactly
+    -lr * g / (g + eps), up to float64 rounding of the moment recursions.
+    """
+    g, eps = 0.5, flax_cfg.optim.adam_epsilon
+    assert g < flax_cfg.optim.max_grad_norm and flax_cfg.optim.adam_weight_decay == 0
+    tx = flax_optim.build_optimizer(flax_cfg, learning_rate=LR, total_steps=SCHEDULE_TOTAL)
+    params = {"w": jnp.zeros((1,))}
+    grads = {"w": jnp.full((1,), g)}
+    state = tx.init(params)
+    update = jax.jit(lambda state, params, step: tx.update(grads, state, params, step=step))
+    lrs = []
+    for step in range(SCHEDULE_TOTAL):
+        updates, state = update(state, params, jnp.int32(step))
+        params = optax.apply_updates(params, updates)
+        lrs.append(-float(updates["w"][0]) * (g + eps) / g)
+    return np.array(lrs)
+
+
+def schedule_relative_error(actual, reference, *, what: str) -> float:
+    """max over updates of |actual - reference| / |reference|; an LR of 0 (the warmup's first
+    update) must be exactly 0."""
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    assert actual.shape == reference.shape == (SCHEDULE_TOTAL,), what
+    zero = reference == 0
+    np.testing.assert_array_equal(actual[zero], 0.0, err_msg=f"{what}: an LR of 0 moved")
+    error = float((np.abs(actual - reference)[~zero] / np.abs(reference[~zero])).max())
+    assert error <= REL, f"{what}: relative error {error:.3e} > {REL:g}"
+    return error
+
+
+def test_schedule_choices_are_diffusers_schedules():
+    """Every --lr_scheduler choice is one of diffusers' get_scheduler types (same name, same
+    meaning), so the comparison below covers all the config accepts."""
+    from diffusers.optimization import SchedulerType
+
+    assert set(LR_SCHEDULERS) <= {t.value for t in SchedulerType}
+    assert set(SCHEDULE_FLAGS) <= set(LR_SCHEDULERS)
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULERS)
+def test_every_schedule_gives_the_same_lr_at_every_update(x64, name):
+    torch_cfg, flax_cfg = schedule_configs(name)
+    reference = lr_ref.learning_rates(flax_cfg.optim, base_lr=LR, total_steps=SCHEDULE_TOTAL)
+    schedule = flax_optim.learning_rate_schedule(flax_cfg, base_lr=LR, total_steps=SCHEDULE_TOTAL)
+    results = {
+        "diffusers get_scheduler": diffusers_lrs(name, torch_cfg.optim),
+        "torchdiff": torchdiff_lrs(torch_cfg),
+        "flaxdiff schedule": np.asarray(schedule(jnp.arange(SCHEDULE_TOTAL))),
+        "flaxdiff optimizer": flaxdiff_applied_lrs(flax_cfg),
+    }
+    assert results["flaxdiff schedule"].dtype == np.float64
+    errors = {
+        side: schedule_relative_error(lrs, reference, what=f"{name} {side}")
+        for side, lrs in results.items()
+    }
+    print(f"parity lr {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    # The schedule is really there: a warmup ramp, then not constant (except `constant`, which
+    # ignores the warmup as diffusers does).
+    if name == "constant":
+        np.testing.assert_array_equal(reference, LR)
+    else:
+        assert reference[0] == 0 and reference[SCHEDULE_WARMUP] == pytest.approx(LR, rel=REL)
+        if name != "constant_with_warmup":
+            assert reference[-1] < reference[SCHEDULE_WARMUP + 1] < LR

@@ -63,7 +63,9 @@ CASES = {
         dict(prediction_type="sample", timestep_spacing="linspace"),
         7,
     ),
-    "dpm-eps-sd": ("DPMSolverMultistepScheduler", dict(**SD), 10),
+    # DPM-Solver++ (diffusers' default algorithm_type, the only one flaxdiff implements), 2nd order.
+    "dpm-eps-sd": ("DPMSolverMultistepScheduler", dict(**SD, algorithm_type="dpmsolver++"), 10),
+    "dpm-eps-first-order": ("DPMSolverMultistepScheduler", dict(**SD, solver_order=1), 6),
     "dpm-v-zero-snr": (
         "DPMSolverMultistepScheduler",
         dict(prediction_type="v_prediction", **ZERO_SNR),
@@ -102,6 +104,18 @@ CASES = {
         5,
     ),
 }
+
+
+def test_cases_cover_every_sampler_and_dpm_solver_plus_plus():
+    """DDPM, DDIM, DPM-Solver++ and Euler each have cases; every DPM-Solver case runs dpmsolver++
+    in diffusers (its default), the algorithm flaxdiff implements."""
+    assert {name for name, _, _ in CASES.values()} == set(sampling.SCHEDULERS)
+    dpm = [config for name, config, _ in CASES.values() if name == "DPMSolverMultistepScheduler"]
+    assert {diffusers.DPMSolverMultistepScheduler(**c).config.algorithm_type for c in dpm} == {
+        "dpmsolver++"
+    }
+    assert {diffusers.DPMSolverMultistepScheduler(**c).config.solver_order for c in dpm} == {1, 2}
+
 
 _RNG = np.random.default_rng(0)
 PATTERN = _RNG.standard_normal((1, H, W, C))  # the toy denoiser's t-dependent term
