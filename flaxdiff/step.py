@@ -2,7 +2,8 @@
 
 `make_train_step` returns `train_step(state, batch) -> (state, metrics)`: one optimizer update
 (accumulation over micro-batches inside), written for one device; a `parallel.Strategy`
-compiles it for pmap or a mesh. `build_step` assembles it with its initial state for real models
+compiles it for pmap or a mesh; `make_micro_loss` is its loss of one micro-batch (torchdiff's
+`compute_loss`). `build_step` assembles it with its initial state for real models
 (the trainer) or for shapes only (`flaxdiff.plan`, which compiles the same step for a TPU it does
 not have), and `batch_shapes` gives the shapes of the batch the trainer feeds it.
 
@@ -31,8 +32,9 @@ from flax import nnx
 from flaxdiff import optim, parallel
 from flaxdiff.components import Components
 from flaxdiff.diffusion import Objective
+from shared import model_folders
 from shared.config import ConfigError, TrainConfig
-from shared.run.task import TaskSpec
+from shared.run.task import TaskSpec, image_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +69,16 @@ def poured(template: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
+# uint8 -> [-1, 1] as torchdiff computes it (`x / 127.5 - 1` in float32, correctly rounded), read
+# from a table: XLA on a CPU divides by multiplying with a rounded reciprocal, one ulp off for 205
+# of the 256 values, which the float64 parity tests of the train step see.
+_UINT8_PIXELS = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 def _pixels(x: jax.Array) -> jax.Array:
     """uint8 (or float in [0, 1]) NHWC -> float32 in [-1, 1], on the device."""
     if x.dtype == jnp.uint8:
-        return x.astype(jnp.float32) / 127.5 - 1.0
+        return jnp.asarray(_UINT8_PIXELS)[x]
     return x.astype(jnp.float32) * 2.0 - 1.0
 
 
@@ -80,12 +88,27 @@ def _model(graphs: dict[str, Graph], name: str, params: dict, frozen: dict) -> n
     return graphs[name].merge(weights, frozen[name]["rest"])
 
 
-def make_train_step(
-    *, graphs: dict[str, Graph], objective: Objective, optimizer, strategy, cfg, spec: TaskSpec,
+def _given_draw(micro: dict, name: str, *, prior_preservation: bool) -> jax.Array | None:
+    """A standard-normal draw (or the timesteps) that the micro-batch carries, NHWC, class rows
+    after instance rows as the pixels; None when it has none."""
+    if name not in micro:
+        return None
+    if prior_preservation:
+        return jnp.concatenate([micro[name], micro[f"class_{name}"]])
+    return micro[name]
+
+
+def make_micro_loss(
+    *, graphs: dict[str, Graph], objective: Objective, cfg, spec: TaskSpec
 ) -> Callable:  # fmt: skip
-    """The pure `train_step(state, batch) -> (state, metrics)` of one optimizer update."""
-    accumulation = cfg.training.gradient_accumulation_steps
-    use_ema = cfg.ema.use_ema
+    """`micro_loss(params, frozen, micro, micro_step, key) -> (loss, parts)` of one micro-batch.
+
+    The noise, timesteps and VAE posterior draws come from `key` (folded with `micro_step`),
+    unless the micro-batch carries them (NHWC, per example like the pixels; ``class_<name>`` for
+    the class rows): ``noise``, ``timesteps``, ``offset`` (``--noise_offset``), ``perturbation``
+    (``--input_perturbation``), ``latent_noise`` (latent tasks). The parity tests feed both
+    backends the same draws that way (torchdiff's `compute_loss` reads the same keys, NCHW).
+    """
     use_mask = cfg.prompts.text_encoder_use_attention_mask
 
     def conditioning(params, frozen, micro):
@@ -104,6 +127,9 @@ def make_train_step(
         return states if spec.train_text_encoder else jax.lax.stop_gradient(states)
 
     def micro_loss(params, frozen, micro, micro_step, key):
+        def given(name):
+            return _given_draw(micro, name, prior_preservation=spec.prior_preservation)
+
         unet = _model(graphs, "unet", params, frozen)
         noise_key, vae_key = jax.random.split(jax.random.fold_in(key, micro_step))
         pixels = _pixels(micro["pixel_values"])  # (B, H, W, 3)
@@ -111,7 +137,15 @@ def make_train_step(
             pixels = jnp.concatenate([pixels, _pixels(micro["class_pixel_values"])])
         if spec.latent:
             vae = _model(graphs, "vae", params, frozen)
-            clean = jax.lax.stop_gradient(vae.latents_from_images(pixels, vae_key))
+            if "latent_noise" in micro:  # DiagonalGaussian.sample's reparameterization
+                posterior = vae.encode(pixels)
+                z = posterior.mean + posterior.std * given("latent_noise")
+                clean = model_folders.to_latents(
+                    z, scaling_factor=vae.scaling_factor, shift_factor=vae.config.shift_factor
+                )
+            else:
+                clean = vae.latents_from_images(pixels, vae_key)
+            clean = jax.lax.stop_gradient(clean)
         else:
             clean = pixels
         context = conditioning(params, frozen, micro) if spec.text_conditioned else None
@@ -126,12 +160,35 @@ def make_train_step(
             # Learned-variance UNets predict (mean, variance): train the mean half.
             return out[..., : clean.shape[-1]] if out.shape[-1] == 2 * clean.shape[-1] else out
 
-        noised = objective.draw(noise_key, clean)
+        if "noise" in micro:
+            noise = given("noise")
+            # The draws' dtype is the objective's: float64 draws (parity tests) noise float64
+            # samples, where float32 pixels would round the schedule to float32.
+            noised = objective.noised(
+                clean.astype(noise.dtype),
+                noise,
+                given("timesteps"),
+                offset=given("offset"),
+                perturbation=given("perturbation"),
+            )
+        else:
+            noised = objective.draw(noise_key, clean)
         if spec.dream:
             noised = objective.dream(
                 noised, predict, detail_preservation=cfg.diffusion.dream_detail_preservation
             )
         return objective.loss(predict(noised.noisy, noised.timesteps), noised)
+
+    return micro_loss
+
+
+def make_train_step(
+    *, graphs: dict[str, Graph], objective: Objective, optimizer, strategy, cfg, spec: TaskSpec,
+) -> Callable:  # fmt: skip
+    """The pure `train_step(state, batch) -> (state, metrics)` of one optimizer update."""
+    accumulation = cfg.training.gradient_accumulation_steps
+    use_ema = cfg.ema.use_ema
+    micro_loss = make_micro_loss(graphs=graphs, objective=objective, cfg=cfg, spec=spec)
 
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -272,8 +329,8 @@ def batch_shapes(
     embeddings: bool,
 ) -> dict[str, jax.ShapeDtypeStruct]:  # fmt: skip
     """The shapes of one device batch as `_shard` builds it (`rows` = accumulation x examples)."""
-    size = cfg.data.resolution
-    pixels = jax.ShapeDtypeStruct((rows, size, size, 3), np.uint8)
+    size, channels = cfg.data.resolution, image_channels(spec, components.unet.config.in_channels)
+    pixels = jax.ShapeDtypeStruct((rows, size, size, channels), np.uint8)
     shapes = {"pixel_values": pixels}
     if spec.prior_preservation:
         shapes["class_pixel_values"] = pixels

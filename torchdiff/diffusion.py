@@ -24,6 +24,10 @@ from shared.run.task import objective_options
 
 PREDICTION_TYPES: tuple[str, ...] = schedules.PREDICTION_TYPES
 
+# The loss is float32 whatever the model's dtype, as in the reference scripts
+# (`model_pred.float()`) and flaxdiff's LOSS_DTYPE; float64 parity tests raise both to float64.
+LOSS_DTYPE = torch.float32
+
 
 # eq=False on both dataclasses: a generated __eq__ over tensors is ambiguous.
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -146,9 +150,9 @@ class Objective:
         3. if `input_perturbation`: `perturbed = noise + input_perturbation * randn(B, C, H, W)`;
         4. `timesteps = randint(0, T, (B,))`, int64.
 
-        Then `noisy = add_noise(clean, perturbed or noise, timesteps)`, and the target is `noise`
-        ("epsilon"), `velocity(clean, noise, timesteps)` ("v_prediction") or `clean` ("sample").
-        The draws are moved to `clean.device` afterwards.
+        Then `noised` builds the rest: `noisy = add_noise(clean, perturbed or noise, timesteps)`,
+        and the target is `noise` ("epsilon"), `velocity(clean, noise, timesteps)`
+        ("v_prediction") or `clean` ("sample"). The draws are moved to `clean.device` first.
 
         Args:
             clean: x0, (B, C, H, W) (any rank >= 2 works; the offset is per sample and channel).
@@ -165,15 +169,57 @@ class Objective:
 
         batch = clean.shape[0]
         noise = draw(*clean.shape)
+        offset = perturbation = None
         if self.noise_offset:
-            # One shift per (sample, channel): the model learns to change mean brightness.
-            noise = noise + self.noise_offset * draw(*clean.shape[:2], *(1,) * (clean.ndim - 2))
-        model_noise = noise
+            offset = draw(*clean.shape[:2], *(1,) * (clean.ndim - 2))
         if self.input_perturbation:
-            model_noise = noise + self.input_perturbation * draw(*clean.shape)
+            perturbation = draw(*clean.shape)
         timesteps = torch.randint(
             0, self.num_train_timesteps, (batch,), generator=generator, device=generator.device
         ).to(clean.device)
+        return self.noised(clean, noise, timesteps, offset=offset, perturbation=perturbation)
+
+    def noised(
+        self,
+        clean: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        offset: torch.Tensor | None = None,
+        perturbation: torch.Tensor | None = None,
+    ) -> Noised:
+        """The model input and target from given draws (what `sample` does after drawing).
+
+        flaxdiff's `Objective.noised` in NCHW: with the standard-normal draws passed in, both
+        backends can be fed the same numbers (the parity tests do).
+
+        Args:
+            clean: x0, (B, C, H, W).
+            noise: Standard-normal noise, (B, C, H, W).
+            timesteps: Integers in [0, T), (B,).
+            offset: Standard-normal offset draw, (B, C, 1, 1); required if `noise_offset`,
+                ignored otherwise.
+            perturbation: Standard-normal draw, (B, C, H, W); required if `input_perturbation`,
+                ignored otherwise.
+
+        Returns:
+            The `Noised` batch.
+
+        Raises:
+            ValueError: A draw that an enabled option needs is missing.
+        """
+        if self.noise_offset:
+            if offset is None:
+                raise ValueError(f"noise_offset={self.noise_offset} needs an offset draw")
+            # One shift per (sample, channel): the model learns to change mean brightness.
+            noise = noise + self.noise_offset * offset
+        model_noise = noise
+        if self.input_perturbation:
+            if perturbation is None:
+                raise ValueError(
+                    f"input_perturbation={self.input_perturbation} needs a perturbation draw"
+                )
+            model_noise = noise + self.input_perturbation * perturbation
         noisy = self.add_noise(clean, model_noise, timesteps)
         if self.prediction_type == "epsilon":
             target = noise
@@ -245,7 +291,8 @@ class Objective:
         Raises:
             ValueError: An odd batch with prior preservation.
         """
-        pred, target, timesteps = model_pred.float(), noised.target.float(), noised.timesteps
+        pred, target = model_pred.to(LOSS_DTYPE), noised.target.to(LOSS_DTYPE)
+        timesteps = noised.timesteps
         if self.prior_loss_weight is None:
             return self._weighted_mse(pred, target, timesteps), {}
         batch = pred.shape[0]
@@ -270,7 +317,7 @@ class Objective:
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))
         # The (T,) table is built in float64 on the CPU and indexed on the device: no host sync,
         # and no float64 on devices that lack it.
-        weights = weights.to(torch.float32).to(pred.device)[timesteps.to(pred.device)]
+        weights = weights.to(LOSS_DTYPE).to(pred.device)[timesteps.to(pred.device)]
         return (per_sample * weights).mean()
 
     def _loss_weights(self) -> torch.Tensor | None:

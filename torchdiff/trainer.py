@@ -37,7 +37,7 @@ from shared.run.nonfinite import NonFiniteGuard
 from shared.run.output import prepare_output_dir
 from shared.run.process import ProcessGroup
 from shared.run.signals import StopSignal
-from shared.run.task import TaskSpec, task_spec
+from shared.run.task import TaskSpec, image_channels, task_spec
 from torchdiff import checkpoint, export, memory, models, optim, validation
 from torchdiff.class_images import ensure_class_images
 from torchdiff.conditioning import TextConditioner
@@ -81,6 +81,7 @@ class Run:
     guard: NonFiniteGuard
     step: int = 0
     step_times: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)  # this run's, per update
     last_image: Path | None = None
 
     @property
@@ -253,6 +254,7 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
         process_index=accelerator.process_index,
         process_count=n,
         state=loader_state,
+        channels=image_channels(spec, components.unet.config.in_channels),
     )
     if group.is_main:
         accelerator.init_trackers(
@@ -295,8 +297,24 @@ def setup(cfg: TrainConfig, task: Task) -> Run:
 # --- the step ---------------------------------------------------------------------------------
 
 
+def _given_draw(run: Run, batch: dict[str, Any], name: str) -> torch.Tensor | None:
+    """A standard-normal draw (or the timesteps) that `batch` carries, NCHW, class rows after
+    instance rows as the pixels; None when the batch has none."""
+    if name not in batch:
+        return None
+    rows = [batch[name], batch[f"class_{name}"]] if run.spec.prior_preservation else [batch[name]]
+    return torch.cat([torch.as_tensor(r) for r in rows]).to(run.device)
+
+
 def compute_loss(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one micro-batch and its parts (prior preservation: instance and prior)."""
+    """The loss of one micro-batch and its parts (prior preservation: instance and prior).
+
+    The noise, timesteps and VAE posterior draws come from `run.generator`, unless the batch
+    carries them (NCHW, per example like the pixels; ``class_<name>`` for the class rows):
+    ``noise``, ``timesteps``, ``offset`` (``--noise_offset``), ``perturbation``
+    (``--input_perturbation``), ``latent_noise`` (latent tasks). The parity tests feed both
+    backends the same draws that way (flaxdiff's step reads the same keys, NHWC).
+    """
     spec, device = run.spec, run.device
     pixels = _pixels(batch, "pixel_values", device)
     prompts = list(batch["captions"])
@@ -307,15 +325,36 @@ def compute_loss(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[st
     with torch.no_grad():
         if spec.latent:
             vae = run.components.vae
-            z = vae.encode(pixels.to(run.weight_dtype)).latent_dist.sample(generator=run.generator)
+            posterior = vae.encode(pixels.to(run.weight_dtype)).latent_dist
+            latent_noise = _given_draw(run, batch, "latent_noise")
+            if latent_noise is None:
+                z = posterior.sample(generator=run.generator)
+            else:  # DiagonalGaussianDistribution.sample's reparameterization
+                z = posterior.mean + posterior.std * latent_noise
             clean = to_latents(
                 z,
                 scaling_factor=vae.config.scaling_factor,
                 shift_factor=vae.config.get("shift_factor"),
-            ).float()
+            )
+            # The objective draws in the latents' dtype: float32 at least (a half VAE gives
+            # half latents); a float64 VAE (the parity tests) keeps float64.
+            clean = clean.to(torch.promote_types(clean.dtype, torch.float32))
         else:
             clean = pixels
-    noised = run.objective.sample(clean, run.generator)
+    noise = _given_draw(run, batch, "noise")
+    if noise is None:
+        noised = run.objective.sample(clean, run.generator)
+    else:
+        # The draws' dtype is the objective's: float64 draws (parity tests) noise float64
+        # samples, where float32 pixels would round the schedule to float32.
+        clean = clean.to(noise.dtype)
+        noised = run.objective.noised(
+            clean,
+            noise,
+            _given_draw(run, batch, "timesteps"),
+            offset=_given_draw(run, batch, "offset"),
+            perturbation=_given_draw(run, batch, "perturbation"),
+        )
     kwargs: dict[str, Any] = {}
     if run.conditioner is not None:
         with torch.set_grad_enabled(spec.train_text_encoder and not run.conditioner.pre_computed):
@@ -474,6 +513,7 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                 logs = train_step(run, _next_batches(run))
                 run.step_times.append(time.perf_counter() - started)  # the update alone
                 run.accelerator.log(logs, step=run.step)
+                run.losses.append(logs["train/loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.3g}")
                 epoch_after = run.loader.state()["epoch"]
@@ -493,6 +533,7 @@ def train(cfg: TrainConfig, task: Task) -> Path:
                 peak_memory_bytes=memory.peak_memory_bytes(run.device),
                 device=str(run.device),
                 skipped_steps=run.guard.skipped,
+                losses=run.losses,
             )
             if cfg.hub.push_to_hub:
                 image = run.last_image
