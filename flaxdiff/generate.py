@@ -50,7 +50,30 @@ def sample_unconditional(
     sampler = sampling.sampler_from_config(scheduler_config, scheduler)
     size, channels = model.config.sample_size, model.config.in_channels
     size = size[0] if isinstance(size, list | tuple) else size
+    key = jax.random.key(seed)
+    out = []
+    for start in range(0, num_images, batch_size):
+        rows = min(batch_size, num_images - start)
+        noise_key, step_key = jax.random.split(jax.random.fold_in(key, start))
+        noise = jax.random.normal(noise_key, (rows, size, size, channels))
+        out.append(denoise(model, noise, step_key, sampler, num_inference_steps))
+    return np.concatenate(out)
+
+
+def denoise(
+    model: nnx.Module,
+    noise: jax.Array,
+    key: jax.Array,
+    sampler: sampling.SamplerConfig,
+    num_inference_steps: int,
+) -> np.ndarray:
+    """An unconditional UNet's samples from `noise` (N, H, W, C): float32 images in [0, 1].
+
+    `key` draws a stochastic sampler's step noise; a learned-variance UNet's variance half is
+    dropped.
+    """
     graphdef, state = nnx.split(model)
+    channels = noise.shape[-1]
 
     @jax.jit
     def draw(state, noise, key):
@@ -63,11 +86,5 @@ def sample_unconditional(
             key=key,
         )
 
-    key = jax.random.key(seed)
-    out = []
-    for start in range(0, num_images, batch_size):
-        rows = min(batch_size, num_images - start)
-        noise_key, step_key = jax.random.split(jax.random.fold_in(key, start))
-        noise = jax.random.normal(noise_key, (rows, size, size, channels))
-        out.append(np.asarray(draw(state, noise, step_key)))
-    return np.clip(np.concatenate(out) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+    images = np.asarray(draw(state, noise, key))
+    return np.clip(images / 2 + 0.5, 0.0, 1.0).astype(np.float32)

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flaxdiff import checkpoint, distributed, memory, optim, parallel, sampling
+from flaxdiff import checkpoint, distributed, generate, memory, optim, parallel, sampling
 from flaxdiff.components import (
     CLASS_IMAGE_STEPS,
     Components,
@@ -355,24 +355,13 @@ def _host_model(run: Run, name: str = "unet") -> nnx.Module:
 
 
 def _sample_ddpm(run: Run, model: nnx.Module, plan) -> np.ndarray:
-    graphdef, state = nnx.split(model)
     size, channels = run.cfg.data.resolution, model.config.in_channels
     key = jax.random.key(plan.seed)
     noise = jax.random.normal(key, (plan.images_per_prompt, size, size, channels))
     sampler = sampling.sampler_from_config(run.components.scheduler_config, "DDPMScheduler")
-
-    @jax.jit
-    def draw(state, noise, key):
-        net = nnx.merge(graphdef, state)
-        return sampling.sample(
-            lambda x, t: net(x, t)[..., :channels],
-            noise,
-            scheduler=sampler,
-            num_inference_steps=plan.num_inference_steps,
-            key=key,
-        )
-
-    images = np.clip(np.asarray(draw(state, noise, jax.random.fold_in(key, 1))) / 2 + 0.5, 0, 1)
+    images = generate.denoise(
+        model, noise, jax.random.fold_in(key, 1), sampler, plan.num_inference_steps
+    )
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
