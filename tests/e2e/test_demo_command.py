@@ -70,7 +70,7 @@ def test_demo_reuses_assets_given_with_assets(tmp_path):
 
 def test_launcher_errors_are_clear(tmp_path):
     result = twindiff("text2image", "--backend", "torch", cwd=tmp_path)
-    assert result.returncode == 2 and "text2image needs data" in result.stderr
+    assert result.returncode == 2 and "--pretrained_model_name_or_path is required" in result.stderr
     result = twindiff("unconditional", "--backend", "flax", "--num_processes", "2", cwd=tmp_path)
     assert result.returncode == 2 and "--num_processes is for --backend torch" in result.stderr
     result = twindiff("train", cwd=tmp_path)
