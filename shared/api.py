@@ -28,19 +28,27 @@ from shared import config as C
 from shared.config import ConfigError, TrainConfig
 from shared.run.report import SUMMARY
 
+_FRAMEWORKS = {"flax": "jax", "torch": "torch"}
+
+
+def _installed(backend: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(_FRAMEWORKS[backend]) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as none
+        return False
+
 
 def installed_backends() -> list[str]:
     """The backends (flax first) whose framework is installed."""
-    import importlib.util
-
-    frameworks = {"flax": "jax", "torch": "torch"}
-    return [b for b in C.BACKENDS if importlib.util.find_spec(frameworks[b]) is not None]
+    return [b for b in C.BACKENDS if _installed(b)]
 
 
 def _check_backend(backend: str) -> str:
     if backend not in C.BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
-    if backend not in installed_backends():
+    if not _installed(backend):
         extra = "flax" if backend == "flax" else "torch"
         raise ConfigError(f'backend {backend} is not installed: pip install -e ".[{extra},data]"')
     return backend

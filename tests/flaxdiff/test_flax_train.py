@@ -236,7 +236,8 @@ sys.exit(launcher.main(sys.argv[1:]))
 def test_dreambooth_runs_where_torch_cannot_be_imported(tmp_path):
     """A TPU VM installs .[flax,tpu,data]: class images, training and the export need none of
     torch, diffusers, transformers or accelerate."""
-    args = ["demo", "--backend", "flax", "--max_train_steps", "2", "--num_class_images", "9"]
+    args = ["demo", "dreambooth", "--backend", "flax", "--max_train_steps", "2",
+            "--num_class_images", "9"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TORCH, *args],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -245,6 +246,19 @@ def test_dreambooth_runs_where_torch_cannot_be_imported(tmp_path):
     out = tmp_path / "twindiff-demo"
     assert (out / "model_index.json").is_file() and (out / UNET).is_file()
     assert len(list((out / "assets" / "class").glob("*.jpg"))) == 9
+
+
+def test_digits_quick_start_runs_where_torch_cannot_be_imported(tmp_path):
+    """`twindiff demo` on flax: training, sampling the export and the score need no torch."""
+    args = ["demo", "--backend", "flax", "--max_train_steps", "3", "--train_batch_size", "8",
+            "--ddpm_num_inference_steps", "2", "--output_dir", "digits"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, *args],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "digits" / "quality.json").read_text())
+    assert report["backend"] == "flax" and report["scores"]["generated (flax)"]["images"] == 256
 
 
 def test_sigterm_checkpoints_and_the_run_resumes(digits, tmp_path, monkeypatch):
