@@ -66,25 +66,29 @@ def denoise(
     key: jax.Array,
     sampler: sampling.SamplerConfig,
     num_inference_steps: int,
+    *,
+    step_noise: jax.Array | None = None,
 ) -> np.ndarray:
-    """An unconditional UNet's samples from `noise` (N, H, W, C): float32 images in [0, 1].
+    """An unconditional UNet's samples from `noise` (N, H, W, C): images in [0, 1], in the
+    model's float dtype.
 
-    `key` draws a stochastic sampler's step noise; a learned-variance UNet's variance half is
-    dropped.
+    `key` draws a stochastic sampler's step noise, unless `step_noise` (S, N, H, W, C) gives
+    it; a learned-variance UNet's variance half is dropped.
     """
     graphdef, state = nnx.split(model)
     channels = noise.shape[-1]
 
     @jax.jit
-    def draw(state, noise, key):
+    def draw(state, noise, key, step_noise):
         net = nnx.merge(graphdef, state)
         return sampling.sample(
             lambda x, t: net(x, t)[..., :channels],
             noise,
             scheduler=sampler,
             num_inference_steps=num_inference_steps,
-            key=key,
+            key=key if step_noise is None else None,
+            step_noise=step_noise if sampler.stochastic else None,
         )
 
-    images = np.asarray(draw(state, noise, key))
-    return np.clip(images / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+    images = np.asarray(draw(state, noise, key, step_noise))
+    return np.clip(images / 2 + 0.5, 0.0, 1.0)

@@ -37,7 +37,7 @@ import pytest
 from flax import nnx
 from parity_helpers import F64_REL, assert_parity, float64_time_proj
 
-from flaxdiff import sampling
+from flaxdiff import generate, sampling
 from flaxdiff.components import GUIDANCE_SCALE, Prompts, TextSampler, export, load_components
 from flaxdiff.models import convert
 from flaxdiff.models.layers import ModelOptions
@@ -111,24 +111,17 @@ def replayed_draws(shape, timesteps, dtype) -> tuple[np.ndarray, np.ndarray]:
 
 
 def flax_unconditional(unet, scheduler_config, scheduler_name, noise, step_noise=None):
-    """Samples as `flaxdiff.trainer._sample_ddpm` does, from given noise: (B, H, W, 3) in [0, 1]."""
+    """Samples as flaxdiff's validation and `twindiff.sample` do (`flaxdiff.generate.denoise`),
+    from given noise: (B, H, W, C) in [0, 1]."""
     sampler = sampling.sampler_from_config(scheduler_config, scheduler_name)
-    graphdef, state = nnx.split(unet)
-    channels = unet.config.in_channels
-
-    @jax.jit
-    def draw(state, noise, step_noise):
-        net = nnx.merge(graphdef, state)
-        return sampling.sample(
-            lambda x, t: net(x, t)[..., :channels],
-            noise,
-            scheduler=sampler,
-            num_inference_steps=STEPS,
-            step_noise=step_noise if sampler.stochastic else None,
-        )
-
-    x0 = draw(state, jnp.asarray(noise), None if step_noise is None else jnp.asarray(step_noise))
-    return np.clip(np.asarray(x0) / 2 + 0.5, 0, 1)
+    return generate.denoise(
+        unet,
+        jnp.asarray(noise),
+        jax.random.key(0),
+        sampler,
+        STEPS,
+        step_noise=None if step_noise is None else jnp.asarray(step_noise),
+    )
 
 
 def diffusers_unconditional(folder, scheduler_name, dtype=torch.float32):
