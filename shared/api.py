@@ -28,14 +28,15 @@ from shared import config as C
 from shared.config import ConfigError, TrainConfig
 from shared.run.report import SUMMARY
 
-_FRAMEWORKS = {"flax": "jax", "torch": "torch"}
+# backend -> (the framework it imports, the pip extra that installs it)
+FRAMEWORKS = {"flax": ("jax", "flax"), "torch": ("torch", "torch")}
 
 
 def _installed(backend: str) -> bool:
     import importlib.util
 
     try:
-        return importlib.util.find_spec(_FRAMEWORKS[backend]) is not None
+        return importlib.util.find_spec(FRAMEWORKS[backend][0]) is not None
     except (ImportError, ValueError):  # a broken or blocked install counts as none
         return False
 
@@ -45,12 +46,21 @@ def installed_backends() -> list[str]:
     return [b for b in C.BACKENDS if _installed(b)]
 
 
-def _check_backend(backend: str) -> str:
+def default_backend() -> str:
+    """The first installed backend (flax, then torch); flax when neither is."""
+    return (installed_backends() or [C.BACKENDS[0]])[0]
+
+
+def check_backend(backend: str) -> str:
+    """`backend` if it is a backend and installed, else a one-line error with the fix."""
     if backend not in C.BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
+        raise ConfigError(f"--backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
     if not _installed(backend):
-        extra = "flax" if backend == "flax" else "torch"
-        raise ConfigError(f'backend {backend} is not installed: pip install -e ".[{extra},data]"')
+        module, extra = FRAMEWORKS[backend]
+        raise ConfigError(
+            f'--backend {backend} needs {module}: pip install -e ".[{extra},data]" (or pick the '
+            "other --backend)"
+        )
     return backend
 
 
@@ -82,7 +92,7 @@ def config(
         values.update(cli.load_yaml(source))
     values.update(cli.flatten(overrides, "the keyword arguments"))
     task = task or values.pop("task", None)
-    backend = backend or values.pop("backend", None) or (installed_backends() or ["flax"])[0]
+    backend = backend or values.pop("backend", None) or default_backend()
     values.pop("task", None), values.pop("backend", None)
     if task is None:
         raise ConfigError(f"no task: pass task= one of {', '.join(C.TASKS)} (or task: in YAML)")
@@ -114,7 +124,7 @@ def train(cfg: TrainConfig, *, backend: str | None = None, **overrides: Any) -> 
     config trains on either backend: it is rebuilt for the one asked, so backend-only flags are
     checked again.
     """
-    backend = _check_backend(backend or cfg.backend)
+    backend = check_backend(backend or cfg.backend)
     if backend != cfg.backend or overrides:
         values = {**_flat(cfg), **cli.flatten(overrides, "the keyword arguments")}
         cfg = C.build(cfg.task, backend, values)
@@ -131,10 +141,11 @@ def train(cfg: TrainConfig, *, backend: str | None = None, **overrides: Any) -> 
 def _flat(cfg: TrainConfig) -> dict[str, Any]:
     """The config's values by flag name, only those another backend's schema also has."""
     nested = cli.to_dict(cfg, redact=False)
+    defaults = C.defaults_for(cfg.task)
     values = {}
     for section in C.COMPONENTS:
         for name, value in nested.get(section, {}).items():
-            if value != C.defaults_for(cfg.task).get(name):
+            if value != defaults.get(name):
                 values[name] = value
     return values
 
@@ -154,7 +165,7 @@ def sample(
     diffusers scheduler class to use instead of the folder's (e.g. "DDIMScheduler" with 50
     steps).
     """
-    backend = _check_backend(backend or installed_backends()[0])
+    backend = check_backend(backend or default_backend())
     generate = importlib.import_module(f"{backend}diff.generate")
     return generate.sample_unconditional(
         folder,

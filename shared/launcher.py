@@ -30,6 +30,7 @@ from pathlib import Path
 
 from shared import cli
 from shared import config as C
+from shared.api import check_backend, default_backend
 from shared.config import ConfigError
 from shared.run.report import setup_logging
 
@@ -59,9 +60,7 @@ def _backend_module(backend: str, task: str) -> str | None:
 
 def run_task(task: str, backend: str, args: Sequence[str]) -> None:
     """Runs `python -m {backend}diff.{task} args` in this process."""
-    if backend not in C.BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
-    check_backend_installed(backend)
+    check_backend(backend)
     module = _backend_module(backend, task)
     if module is None:
         raise ConfigError(f"this twindiff has no {backend}diff.{task} module to run")
@@ -82,27 +81,6 @@ def demo_args(assets, flags: Sequence[str]) -> list[str]:
         "--tokenizer_name", str(assets.tokenizer_dir),
         *flags,
     ]  # fmt: skip
-
-
-FRAMEWORKS = {"flax": ("jax", "flax"), "torch": ("torch", "torch")}  # backend -> (module, extra)
-
-
-def check_backend_installed(backend: str) -> None:
-    """A clear error when the backend's framework is missing (a TPU VM has no torch)."""
-    module, extra = FRAMEWORKS[backend]
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(
-            f'--backend {backend} needs {module}: pip install -e ".[{extra},data]" (or pick the '
-            "other --backend)"
-        )
-
-
-def default_demo_backend() -> str:
-    """The first backend (flax, then torch) whose framework is installed."""
-    for backend in C.BACKENDS:
-        if importlib.util.find_spec(FRAMEWORKS[backend][0]) is not None:
-            return backend
-    return C.BACKENDS[0]
 
 
 def _print_training_report(report: dict) -> None:
@@ -139,7 +117,7 @@ def launch_processes(task: str, backend: str, processes: int, args: list[str]) -
             "--num_processes is for --backend torch; flaxdiff runs one process per host and "
             "uses every local device (see tpu/README.md for several hosts)"
         )
-    check_backend_installed(backend)
+    check_backend(backend)
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     command = [
         accelerate, "launch", "--multi_gpu", "--num_processes", str(processes),
@@ -159,10 +137,8 @@ def run_demo(args: list[str]) -> dict:
         return run_dreambooth_demo(args[1:])
     from shared import quickstart
 
-    backend = _pop_option(args, "backend", None) or default_demo_backend()
-    if backend not in C.BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
-    check_backend_installed(backend)
+    backend = _pop_option(args, "backend", None) or default_backend()
+    check_backend(backend)
     return quickstart.run(backend, args)
 
 
@@ -170,10 +146,8 @@ def run_dreambooth_demo(args: list[str]) -> dict:
     """Builds the assets, then trains DreamBooth on the tiny model."""
     from shared.demo import build_demo_assets
 
-    backend = _pop_option(args, "backend", None) or default_demo_backend()
-    if backend not in C.BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(C.BACKENDS)}, got {backend!r}")
-    check_backend_installed(backend)
+    backend = _pop_option(args, "backend", None) or default_backend()
+    check_backend(backend)
     assets_dir = _pop_option(args, "assets", None)
     _, cli_values = cli.parse_cli(args)
     output_dir = cli_values.get("output_dir") or cli.load_yaml(DEMO_CONFIG)["output_dir"]
@@ -231,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "-h" in rest or "--help" in rest:
                 print(cli.format_help(command, backend))
                 return 0
-            backend = backend or config_backend(rest) or default_demo_backend()
+            backend = backend or config_backend(rest) or default_backend()
             processes = int(_pop_option(rest, "num_processes", "1"))
             if processes > 1:
                 return launch_processes(command, backend, processes, rest)

@@ -10,7 +10,6 @@ records into one table and one JSON document (`shared.bench.table`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -26,20 +25,16 @@ import numpy as np
 
 from shared import cli
 from shared import config as C
+from shared.api import check_backend, installed_backends
 from shared.bench import measure, table
 from shared.bench.presets import PRESETS, Preset, Size, training_args
 from shared.config import ConfigError
 from shared.data import build_loader, build_source
 from shared.demo import build_demo_assets
 
-FRAMEWORKS = {"flax": "jax", "torch": "torch"}
 # A GPU (NVIDIA), a TPU (v2/v3: accel, v4 and later: vfio) or an AMD GPU: the accelerator sizes.
 ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0", "/dev/kfd")
 LOG_TAIL_LINES = 25
-
-
-def installed_backends() -> list[str]:
-    return [b for b in C.BACKENDS if importlib.util.find_spec(FRAMEWORKS[b]) is not None]
 
 
 def detect_device() -> str:
@@ -148,8 +143,7 @@ def bench(args: argparse.Namespace, extra: Sequence[str]) -> tuple[dict[str, Any
     if not backends:
         raise ConfigError('no backend installed: pip install -e ".[flax]" and/or ".[torch]"')
     for backend in backends:
-        if importlib.util.find_spec(FRAMEWORKS[backend]) is None:
-            raise ConfigError(f"--backends {backend} needs {FRAMEWORKS[backend]} installed")
+        check_backend(backend)
     preset = PRESETS[args.preset]
     device = detect_device() if args.device == "auto" else args.device
     size = _size(preset, device, args)
